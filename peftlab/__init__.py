@@ -1,0 +1,20 @@
+"""peftlab: parameter-efficient fine-tuning of pretrained transformers.
+
+The API keeps HF PEFT's names: `LoraConfig`, `get_peft_model`, `PeftModel.from_pretrained`,
+`print_trainable_parameters`, `save_pretrained`, `add_adapter`, `set_adapter`, `merge_and_unload`.
+"""
+
+from .core.config import AdapterConfig, ConfigError, TaskType
+from .core.method import Method, get_method, register, registered_methods
+from .core.model import PeftModel, get_peft_model
+from .io.adapter_files import AdapterFileError
+from .methods.lora import LoraConfig
+
+PeftConfig = AdapterConfig  # PEFT's name for the base config
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig", "Method", "PeftConfig", "PeftModel",
+    "TaskType", "get_method", "get_peft_model", "register", "registered_methods",
+]

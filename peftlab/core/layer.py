@@ -1,0 +1,118 @@
+"""The layer half of the method contract: a module that wraps one base module and owns adapter weights.
+
+A method's layer subclasses `AdapterLayer`. The base module stays as `self.base_layer` (so parameter names
+read `...q_proj.base_layer.weight` and `...q_proj.lora_A.default.weight`, as in HF PEFT), and each named
+adapter's tensors live in `nn.ModuleDict`/`nn.ParameterDict` attributes keyed by adapter name.
+
+What a subclass provides:
+- `add_adapter(name, config, module_name)`: create and initialise that adapter's tensors.
+- `adapter_tensors(name)`: {file-key suffix: parameter}, e.g. {"lora_A.weight": ..., "lora_B.weight": ...}.
+  This is the single source of truth for which parameters an adapter owns: freezing, counting, saving and
+  loading all read it (nothing is found by substring matching on names).
+- `forward(x, ...)`.
+- `delta_weight(name)` (optional): the adapter's update in the base weight's shape, if it can be merged.
+
+The base class does the bookkeeping every method needs: which adapters are active, which are merged into
+the base weight, disabling, deleting, and merge/unmerge through `delta_weight`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Base class of every adapter-carrying wrapper. See the module docstring for the contract."""
+
+    # Attribute names of the per-adapter containers (ModuleDict/ParameterDict/plain dict keyed by adapter).
+    # `delete_adapter` removes the adapter's entry from each of them.
+    adapter_containers: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # ---- to implement ------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, config: Any, module_name: str) -> None:
+        raise NotImplementedError
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        raise NotImplementedError
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the base weight.")
+
+    # ---- shared bookkeeping ------------------------------------------------------------------------
+
+    @property
+    def adapter_names(self) -> list[str]:
+        first = getattr(self, self.adapter_containers[0])
+        return list(first.keys())
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:  # lets code that reads `module.weight` (e.g. tied heads) keep working
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def set_active(self, adapter_names: list[str]) -> None:
+        self.active_adapters = [a for a in adapter_names if a in self.adapter_names]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for attr in self.adapter_containers:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
+
+    def base_weight(self) -> nn.Parameter:
+        return self.base_layer.weight
+
+    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add each adapter's `delta_weight` into the base weight (fp32 arithmetic, cast back)."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_weight()
+        for name in names:
+            if name not in self.adapter_names or name in self.merged_adapters:
+                continue
+            delta = self.delta_weight(name).to(torch.float32)
+            merged = weight.data.to(torch.float32) + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"Merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}'s weight; "
+                    "the base weight was left unchanged. Check the adapter weights for NaN/inf."
+                )
+            weight.data.copy_(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters again, newest first. Exact up to one float rounding per weight."""
+        weight = self.base_weight()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.delta_weight(name).to(torch.float32)
+            weight.data.copy_((weight.data.to(torch.float32) - delta).to(weight.dtype))
+
+    def live_adapters(self) -> list[str]:
+        """Adapters whose branch must run in forward: active, not merged, and not disabled."""
+        if self.disabled:
+            return []
+        return [a for a in self.active_adapters if a not in self.merged_adapters]
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"

@@ -1,0 +1,149 @@
+"""The method half of the contract, and the registry of methods.
+
+A method is a folder under `peftlab/methods/` whose `__init__.py` calls `register(Method(...))` once.
+Core code (injection, the wrapped model, files, the training loop) only ever talks to `Method` objects
+looked up here; it never names a specific method.
+
+A `Method` says:
+- `name`: what users type (`method: lora` in a config, `peftlab methods` lists it);
+- `config_cls`: its config dataclass (whose `peft_type` is the tag written to `adapter_config.json`);
+- `layers`: which base module types it wraps, and with which `AdapterLayer` subclass;
+- `default_targets`: model_type -> target_modules used when the config names none;
+- training-time hooks, all optional, which the wrapped model exposes and the training loop calls:
+  `param_groups` (e.g. LoRA+'s separate learning rate for B), `on_step` (e.g. AdaLoRA's rank budget,
+  Delta-LoRA's base update), `extra_loss` (e.g. AdaLoRA's orthogonality regulariser);
+- `combine` (optional): build a new adapter from weighted existing ones (`add_weighted_adapter`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from .config import AdapterConfig
+
+if TYPE_CHECKING:
+    from .layer import AdapterLayer
+    from .model import PeftModel
+
+
+def _no_groups(model: "PeftModel", adapter_name: str, params: list[tuple[str, nn.Parameter]], lr: float):
+    return None
+
+
+def _no_step(model: "PeftModel", adapter_name: str, step: int) -> None:
+    return None
+
+
+def _no_loss(model: "PeftModel", adapter_name: str):
+    return None
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    """What users type to pick the method (`method: lora`)."""
+
+    config_cls: type[AdapterConfig]
+    """The config dataclass; its `peft_type` tags the method in adapter files."""
+
+    layers: tuple[tuple[type | Callable[[nn.Module], bool], type["AdapterLayer"]], ...]
+    """(base module type or predicate, wrapper class) pairs, tried in order."""
+
+    summary: str = ""
+    """One line for `peftlab methods`."""
+
+    default_targets: dict[str, list[str]] = field(default_factory=dict)
+    """model_type -> target_modules when the config gives none."""
+
+    param_groups: Callable[..., list[dict[str, Any]] | None] = _no_groups
+    """(model, adapter_name, [(name, param)], lr) -> optimizer param groups for this adapter's trainable
+    parameters, or None for one plain group."""
+
+    on_step: Callable[..., None] = _no_step
+    """(model, adapter_name, step) -> None, called by the loop after every optimizer step."""
+
+    extra_loss: Callable[..., Any] = _no_loss
+    """(model, adapter_name) -> a scalar tensor added to the training loss, or None."""
+
+    combine: Callable[..., None] | None = None
+    """(model, adapters, weights, adapter_name, combination_type, **options) -> None: add a new adapter that
+    combines existing ones. None: `add_weighted_adapter` is not available for this method."""
+
+    def wrapper_for(self, module: nn.Module) -> type["AdapterLayer"] | None:
+        for match, wrapper in self.layers:
+            if (isinstance(match, type) and isinstance(module, match)) or (
+                not isinstance(match, type) and match(module)
+            ):
+                return wrapper
+        return None
+
+    def supported_types(self) -> str:
+        return ", ".join(getattr(m, "__name__", repr(m)) for m, _ in self.layers)
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"A method named {method.name!r} is already registered; pick another name.")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def _load_builtin_methods() -> None:
+    from .. import methods  # noqa: F401  (importing the package registers every built-in method)
+
+
+def registered_methods() -> list[Method]:
+    _load_builtin_methods()
+    return list(_REGISTRY.values())
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    import difflib
+
+    near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+    hint = f" Did you mean {', '.join(near)}?" if near else ""
+    raise KeyError(f"No method named {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}.")
+
+
+def method_for_config(config: AdapterConfig) -> Method:
+    """The method a config instance belongs to (exact class match, then subclass)."""
+    methods = registered_methods()
+    for m in methods:
+        if type(config) is m.config_cls:
+            return m
+    for m in methods:
+        if isinstance(config, m.config_cls):
+            return m
+    raise TypeError(f"{type(config).__name__} belongs to no registered method; register one with "
+                    "peftlab.core.method.register(Method(...)).")
+
+
+def method_for_peft_type(peft_type: str, config_dict: dict[str, Any] | None = None) -> Method:
+    """The method whose config writes `peft_type`. Several methods may share one tag (PEFT writes DoRA as
+    LORA with use_dora=true); a config class may then claim a file with `claims_file(config_dict)`."""
+    candidates = [m for m in registered_methods() if m.config_cls.peft_type == peft_type]
+    if not candidates:
+        known = sorted({m.config_cls.peft_type for m in registered_methods()})
+        raise ValueError(
+            f"The adapter file says peft_type={peft_type!r}, which no peftlab method reads. "
+            f"Known types: {', '.join(known)}."
+        )
+    for m in candidates:
+        claims = getattr(m.config_cls, "claims_file", None)
+        if claims is not None and config_dict is not None and claims(config_dict):
+            return m
+    return candidates[0]
+
+
+def iter_methods(names: Iterable[str]) -> list[Method]:
+    return [get_method(n) for n in names]

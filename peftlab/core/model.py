@@ -1,0 +1,415 @@
+"""The wrapped model: a base transformer with one or more named adapters injected into it.
+
+Layout (as HF PEFT's, so parameter names and state dicts match PEFT's):
+    PeftModel
+      .base_model : TunerModel        # holds the adapters' bookkeeping
+          .model  : the user's model  # with target modules replaced by AdapterLayer wrappers
+Parameter names therefore read `base_model.model.<module path>.lora_A.default.weight`.
+
+Nothing here names a method: everything method-specific comes from the `Method` registered for the
+config's class (see core/method.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..io import adapter_files
+from .config import AdapterConfig, ConfigError, TaskType
+from .layer import AdapterLayer
+from .method import Method, method_for_config, method_for_peft_type
+from .modules_to_save import ModulesToSaveWrapper
+from .targets import matches, resolve_target_spec, select_targets
+
+# Heads a task adds to modules_to_save (if the model has them), as PEFT does.
+TASK_HEADS = {
+    TaskType.SEQ_CLS: ["classifier", "score"],
+    TaskType.TOKEN_CLS: ["classifier", "score"],
+    TaskType.QUESTION_ANS: ["qa_outputs"],
+}
+
+
+class TunerModel(nn.Module):
+    """Holds the user's model as `.model`; forward and attribute access go straight through."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+class PeftModel(nn.Module):
+    """A base model plus named adapters. Create with `get_peft_model` or `PeftModel.from_pretrained`."""
+
+    def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.base_model = TunerModel(model)
+        self.peft_config: dict[str, AdapterConfig] = {}
+        self._active: list[str] = []
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    # ---- pass-through to the base model -------------------------------------------------------------
+
+    def forward(self, *args, **kwargs):
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model.model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    # ---- walking the wrappers -------------------------------------------------------------------------
+
+    def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
+        """(path inside the user's model, wrapper) for every adapter layer and modules_to_save wrapper."""
+        for name, module in self.base_model.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def _adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        return ((n, m) for n, m in self._wrappers() if isinstance(m, AdapterLayer))
+
+    def _check_known(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; this model has: {sorted(self.peft_config)}.")
+
+    def method_of(self, adapter_name: str) -> Method:
+        self._check_known(adapter_name)
+        return method_for_config(self.peft_config[adapter_name])
+
+    # ---- adding, switching, deleting ------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: AdapterConfig) -> None:
+        """Inject a new adapter (not yet active: call `set_adapter` to use it)."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; delete it first or pick another name.")
+        if not adapter_name or "." in adapter_name:
+            raise ValueError(f"Adapter name {adapter_name!r} is not valid: use a non-empty name without dots.")
+        method = method_for_config(peft_config)
+        model = self.base_model.model
+        config = self._complete_config(peft_config, model)
+        skip = tuple(f"{n}." for n, _ in self._wrappers())
+        self._add_modules_to_save(adapter_name, config, model, skip)
+        skip = tuple(f"{n}." for n, _ in self._wrappers()) + tuple(n for n, m in self._wrappers()
+                                                                   if isinstance(m, ModulesToSaveWrapper))
+        spec = resolve_target_spec(config, model, method.default_targets, method.name)
+        for name in select_targets(model, config, spec, skip):
+            self._inject_one(model, name, adapter_name, config, method)
+        self.peft_config[adapter_name] = config
+        self._refresh_trainable()
+
+    def _complete_config(self, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
+        changes = {}
+        heads = TASK_HEADS.get(config.task_type, [])
+        present = [h for h in heads if any(matches(n, [h]) for n, _ in model.named_modules())]
+        if present:
+            changes["modules_to_save"] = list(dict.fromkeys((config.modules_to_save or []) + present))
+        if config.base_model_name_or_path is None:
+            name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+            if name:
+                changes["base_model_name_or_path"] = name
+        return dataclasses.replace(config, **changes) if changes else dataclasses.replace(config)
+
+    def _add_modules_to_save(self, adapter_name, config, model, skip) -> None:
+        for entry in config.modules_to_save or []:
+            hits = [n for n, _ in model.named_modules() if n and matches(n, [entry]) and not n.startswith(skip)]
+            if not hits:
+                raise ConfigError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}.")
+            for name in hits:
+                module = model.get_submodule(name)
+                if isinstance(module, AdapterLayer):
+                    raise ConfigError(f"{name!r} is both an adapter target and in modules_to_save; pick one.")
+                if not isinstance(module, ModulesToSaveWrapper):
+                    module = ModulesToSaveWrapper(module)
+                    _set_submodule(model, name, module)
+                module.add_adapter(adapter_name)
+
+    def _inject_one(self, model, name, adapter_name, config, method) -> None:
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            if method.wrapper_for(module.base_layer) is not type(module):
+                raise ConfigError(
+                    f"{name!r} already carries a {type(module).__name__} adapter; peftlab does not stack "
+                    f"adapters of different methods on one module. Exclude it with exclude_modules=[{name!r}]."
+                )
+            module.add_adapter(adapter_name, config, name)
+            return
+        wrapper_cls = method.wrapper_for(module)
+        if wrapper_cls is None:
+            raise ConfigError(
+                f"target {name!r} is a {type(module).__name__}, which {method.name} cannot adapt (it wraps: "
+                f"{method.supported_types()}). Narrow target_modules, or exclude it with exclude_modules=[{name!r}]."
+            )
+        wrapper = wrapper_cls(module)
+        wrapper.add_adapter(adapter_name, config, name)
+        _set_submodule(model, name, wrapper)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters the active ones (they alone run in forward and train)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for n in names:
+            self._check_known(n)
+        for _, wrapper in self._wrappers():
+            wrapper.set_active(names)
+        self._active = names
+        self._refresh_trainable()
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active[0] if len(self._active) == 1 else self._active  # type: ignore[return-value]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known(adapter_name)
+        model = self.base_model.model
+        for name, wrapper in list(self._wrappers()):
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapter_names:  # nothing left on it: put the original module back
+                original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
+                _set_submodule(model, name, original)
+        del self.peft_config[adapter_name]
+        remaining = [a for a in self._active if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        self._active = []
+        if remaining:
+            self.set_adapter(remaining)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within this block the model computes as the bare base model (no adapter, no saved-module copy)."""
+        if any(layer.merged for _, layer in self._adapter_layers()):
+            warnings.warn("Adapters were merged; unmerging them so that the base model can run without them.")
+            self.unmerge_adapter()
+        wrappers = [w for _, w in self._wrappers()]
+        for w in wrappers:
+            w.disabled = True
+        try:
+            yield
+        finally:
+            for w in wrappers:
+                w.disabled = False
+
+    # ---- trainable parameters -------------------------------------------------------------------------
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """Every tensor adapter `adapter_name` owns, under its file key (PEFT layout, name stripped)."""
+        self._check_known(adapter_name)
+        prefix = adapter_files.KEY_PREFIX
+        out: dict[str, torch.Tensor] = {}
+        for path, wrapper in self._wrappers():
+            if adapter_name in wrapper.adapter_names:
+                for suffix, tensor in wrapper.adapter_tensors(adapter_name).items():
+                    out[f"{prefix}{path}.{suffix}"] = tensor
+        for name, param in self._trained_biases(adapter_name):
+            out[f"{prefix}{name}"] = param
+        return out
+
+    def _trained_biases(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
+        """Biases that `bias="all"` / `"lora_only"` train and save with the adapter."""
+        mode = getattr(self.peft_config[adapter_name], "bias", "none")
+        if mode == "none":
+            return []
+        model = self.base_model.model
+        if mode == "all":
+            owned = {id(t) for _, w in self._wrappers() for a in w.adapter_names for t in w.adapter_tensors(a).values()}
+            return [(n, p) for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in owned]
+        return [(f"{path}.base_layer.bias", layer.base_layer.bias) for path, layer in self._adapter_layers()
+                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None]
+
+    def _refresh_trainable(self) -> None:
+        """Freeze everything, then unfreeze what the active, trainable adapters own."""
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for name in self._active:
+            if self.peft_config[name].inference_mode:
+                continue
+            for t in self.adapter_tensors(name).values():
+                if isinstance(t, nn.Parameter):
+                    t.requires_grad_(True)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return trainable, sum(p.numel() for p in self.parameters())
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- training-time hooks (declared by methods, called by the training loop) ----------------------
+
+    def optimizer_param_groups(self, lr: float) -> list[dict]:
+        """Param groups for the trainable parameters: each active adapter's method may split its own."""
+        named = dict(self.named_parameters())
+        by_id = {id(p): n for n, p in named.items()}
+        groups: list[dict] = []
+        claimed: set[int] = set()
+        for adapter in self._active:
+            params = [(by_id[id(t)], t) for t in self.adapter_tensors(adapter).values()
+                      if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in claimed]
+            if not params:
+                continue
+            claimed.update(id(p) for _, p in params)
+            groups.extend(self.method_of(adapter).param_groups(self, adapter, params, lr)
+                          or [{"params": [p for _, p in params], "lr": lr}])
+        rest = [p for p in named.values() if p.requires_grad and id(p) not in claimed]
+        if rest:
+            groups.append({"params": rest, "lr": lr})
+        return groups
+
+    def on_step(self, step: int) -> None:
+        """Call after every optimizer step: runs each active method's per-step hook."""
+        for adapter in self._active:
+            self.method_of(adapter).on_step(self, adapter, step)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """Sum of the active methods' regularisers, or None when no method has one."""
+        terms = [t for a in self._active if (t := self.method_of(a).extra_loss(self, a)) is not None]
+        return sum(terms) if terms else None
+
+    # ---- merging ------------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the adapters' updates into the base weights (forward then skips the adapter branch)."""
+        names = self._active if adapter_names is None else adapter_names
+        for n in names:
+            self._check_known(n)
+        for _, layer in self._adapter_layers():
+            layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self._adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active (or named) adapters into the base weights and return the plain base model."""
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap(keep_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain base model."""
+        self.unmerge_adapter()
+        return self._unwrap(keep_copies=False)
+
+    def _unwrap(self, keep_copies: bool) -> nn.Module:
+        model = self.base_model.model
+        for name, wrapper in list(self._wrappers()):
+            if isinstance(wrapper, AdapterLayer):
+                original = wrapper.base_layer
+            elif keep_copies and wrapper.active_adapter is not None:
+                original = wrapper.modules_to_save[wrapper.active_adapter]
+            else:
+                original = wrapper.original_module
+            _set_submodule(model, name, original)
+        return model
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", **options) -> None:
+        """A new adapter combining existing ones (see the method's `combine` for the formulas)."""
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"Give one weight per adapter: got {len(adapters)} adapters and {len(weights)} weights.")
+        methods = {self.method_of(a).name for a in adapters}
+        if len(methods) > 1:
+            raise ValueError(f"Adapters {adapters} use different methods ({sorted(methods)}); combine one method at a time.")
+        method = self.method_of(adapters[0])
+        if method.combine is None:
+            raise NotImplementedError(f"{method.name} adapters cannot be combined with add_weighted_adapter.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
+        method.combine(self, adapters, weights, adapter_name, combination_type, **options)
+
+    # ---- files --------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, **_ignored) -> None:
+        """Write each adapter as adapter_config.json + adapter_model.safetensors (HF PEFT layout).
+        The adapter named "default" goes in `save_directory`, any other in `save_directory/<name>/`."""
+        if not safe_serialization:
+            raise ValueError("peftlab writes safetensors only (pickle files can run code when loaded).")
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
+        for name in selected_adapters or list(self.peft_config):
+            self._check_known(name)
+            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            os.makedirs(folder, exist_ok=True)
+            # Weights first, config last: a folder whose config is present has weights that match it.
+            adapter_files.write_weights(folder, self.adapter_tensors(name))
+            self.peft_config[name].save_pretrained(folder)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
+                        is_trainable: bool = False, config: AdapterConfig | None = None,
+                        subfolder: str | None = None, revision: str | None = None, **_ignored) -> "PeftModel":
+        """Load an adapter folder (ours or HF PEFT's) onto `model`."""
+        folder = adapter_files.resolve_adapter_dir(model_id, subfolder, revision)
+        config = config or read_config(folder)
+        config = dataclasses.replace(config, inference_mode=not is_trainable)
+        weights = adapter_files.read_weights(folder)  # read before touching the model: fail early
+        peft_model = cls(model, config, adapter_name)
+        adapter_files.load_into(peft_model.adapter_tensors(adapter_name), weights, folder)
+        return peft_model
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
+                     subfolder: str | None = None, revision: str | None = None, **_ignored) -> None:
+        """Load another adapter folder onto this model under `adapter_name` (not activated)."""
+        folder = adapter_files.resolve_adapter_dir(model_id, subfolder, revision)
+        config = dataclasses.replace(read_config(folder), inference_mode=not is_trainable)
+        weights = adapter_files.read_weights(folder)
+        self.add_adapter(adapter_name, config)
+        try:
+            adapter_files.load_into(self.adapter_tensors(adapter_name), weights, folder)
+        except Exception:
+            self.delete_adapter(adapter_name)  # leave the model as it was
+            raise
+
+
+def read_config(folder: str) -> AdapterConfig:
+    data = adapter_files.read_config_dict(folder)
+    if "peft_type" not in data:
+        raise adapter_files.AdapterFileError(f"{folder}/adapter_config.json has no peft_type; it is not an adapter config.")
+    method = method_for_peft_type(data["peft_type"], data)
+    return method.config_cls.from_dict(data, source=f"{folder}/adapter_config.json")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap `model` with a new adapter described by `peft_config` (any registered method's config)."""
+    if isinstance(model, PeftModel):
+        raise TypeError("This model is already a PeftModel; use model.add_adapter(name, config) to add another adapter.")
+    return PeftModel(model, peft_config, adapter_name)

@@ -1,0 +1,1 @@
+"""Reading and writing adapter files (HF PEFT layout) and other artifacts, atomically."""

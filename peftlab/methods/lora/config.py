@@ -1,0 +1,68 @@
+"""LoRA's config, with HF PEFT's field names and defaults so `adapter_config.json` files interchange."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ...core.config import AdapterConfig, ConfigError, check_choice, check_number
+
+BIAS_MODES = ["none", "all", "lora_only"]
+
+
+@dataclass
+class LoraConfig(AdapterConfig):
+    """LoRA (Hu et al., 2021): W x + (alpha / r) B A x, with A (r, in) and B (out, r) trained, W frozen."""
+
+    peft_type: ClassVar[str] = "LORA"
+    # PEFT writes these with their defaults; at these values they change nothing.
+    peft_inert_keys: ClassVar[dict[str, Any]] = {"qalora_group_size": 16}
+
+    r: int = 8
+    """Rank of the update B A (A is r x in, B is out x r)."""
+
+    lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (or lora_alpha / sqrt(r) with rsLoRA)."""
+
+    lora_dropout: float = 0.0
+    """Dropout probability on the adapter branch's input only; the base path never sees dropout."""
+
+    fan_in_fan_out: bool = False
+    """True when the base layer stores its weight as (in, out), as transformers' Conv1D (GPT-2) does;
+    set automatically for Conv1D layers."""
+
+    bias: str = "none"
+    """Which biases train and are saved with the adapter: "none", "all" (every bias in the model) or
+    "lora_only" (biases of the adapted layers)."""
+
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski, 2023): scale by lora_alpha / sqrt(r), which keeps the update's size
+    stable as r grows."""
+
+    init_lora_weights: bool | str = True
+    """Initialisation. True: A Kaiming-uniform, B zero (the adapter starts as identity); "gaussian": A
+    normal with std 1/r, B zero; False: A and B both random (not identity; for tests)."""
+
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overriding r: {name or regex matched at the end of the module name: rank}."""
+
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module alpha overriding lora_alpha, matched like rank_pattern."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        check_number(name, "r", self.r, low=1, integer=True)
+        check_number(name, "lora_alpha", self.lora_alpha)
+        check_number(name, "lora_dropout", self.lora_dropout, low=0, high=1, high_inclusive=False)
+        check_choice(name, "bias", self.bias, BIAS_MODES)
+        from .init import INITIALIZERS, init_key  # local: init imports layer code
+
+        try:
+            key = init_key(self.init_lora_weights)
+        except TypeError:
+            key = self.init_lora_weights
+        check_choice(name, "init_lora_weights", key, list(INITIALIZERS))
+        for module, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+                raise ConfigError(f"{name}.rank_pattern[{module!r}]={rank!r} is not valid; ranks are integers >= 1.")

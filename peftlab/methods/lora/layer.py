@@ -1,0 +1,172 @@
+"""LoRA layers: y = base(x) + scaling * B(A(dropout(x))), scaling = alpha / r (alpha / sqrt(r) with rsLoRA).
+
+Three wrappers share the bookkeeping in `LoraLayer`:
+- `LoraLinear` for nn.Linear and transformers' Conv1D (GPT-2, weight stored (in, out): `fan_in_fan_out`);
+- `LoraEmbedding` for nn.Embedding (A: (r, vocab) looked up by token id, B: (dim, r));
+- `LoraConv2d` for nn.Conv2d (A: a conv with the base's kernel into r channels, B: a 1x1 conv out).
+Parameter names follow HF PEFT (`lora_A.<adapter>.weight`, `lora_embedding_A.<adapter>`), so state dicts
+and files line up with PEFT's without renaming.
+
+Adapter weights are kept in fp32 when the base is fp16/bf16 (as PEFT does by default): the low-rank
+update is small next to W, and half-precision optimizer updates on it lose most of their bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...core.layer import AdapterLayer
+from ...core.targets import Conv1D, pattern_value
+from .config import LoraConfig
+from .init import INITIALIZERS, init_key
+
+
+def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
+    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
+
+
+class LoraLayer(AdapterLayer):
+    """Per-adapter rank, alpha, scaling and dropout, plus the steps every LoRA wrapper shares."""
+
+    is_embedding = False
+    pair_names = ("lora_A", "lora_B")  # attributes holding A and B; file keys derive from them
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()
+
+    adapter_containers = ("lora_A", "lora_B", "lora_dropout", "r", "lora_alpha", "scaling")
+
+    def _make_pair(self, r: int, dtype: torch.dtype, device: torch.device) -> tuple[nn.Module, nn.Module]:
+        raise NotImplementedError
+
+    def lora_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) weight tensors of adapter `name` (what the initialisers and merges work on)."""
+        return self.lora_A[name].weight, self.lora_B[name].weight
+
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        r = pattern_value(module_name, config.rank_pattern, config.r)
+        alpha = pattern_value(module_name, config.alpha_pattern, config.lora_alpha)
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        weight = self.base_layer.weight
+        A, B = self._make_pair(r, _adapter_dtype(weight), weight.device)
+        getattr(self, self.pair_names[0])[adapter_name] = A
+        getattr(self, self.pair_names[1])[adapter_name] = B
+        with torch.no_grad():
+            INITIALIZERS[init_key(config.init_lora_weights)](self, adapter_name)
+
+    def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        a, b = self.pair_names
+        A, B = getattr(self, a)[adapter_name], getattr(self, b)[adapter_name]
+        if isinstance(A, nn.Parameter):
+            return {a: A, b: B}
+        return {f"{a}.weight": A.weight, f"{b}.weight": B.weight}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        # Linear and Conv2d: A and B are modules; Embedding overrides this.
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.live_adapters():
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = self.lora_dropout[name](x.to(A.weight.dtype))
+            result = result + (B(A(h)) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on nn.Linear (weight (out, in)) or transformers' Conv1D (weight (in, out))."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        out_f, in_f = base_layer.weight.shape
+        if self.fan_in_fan_out:
+            in_f, out_f = out_f, in_f
+        self.in_features, self.out_features = in_f, out_f
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _make_pair(self, r, dtype, device):
+        A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
+        B = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)
+        return A, B
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_pair(adapter_name)
+        delta = (B @ A) * self.scaling[adapter_name]  # (out, in)
+        return delta.T if self.fan_in_fan_out else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on nn.Embedding: the update for token t is scaling * B @ A[:, t] (no dropout, as in PEFT)."""
+
+    is_embedding = True
+    pair_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_containers = ("lora_embedding_A", "lora_embedding_B", "lora_dropout", "r", "lora_alpha", "scaling")
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _make_pair(self, r, dtype, device):
+        vocab, dim = self.base_layer.weight.shape
+        A = nn.Parameter(torch.empty(r, vocab, dtype=dtype, device=device))
+        B = nn.Parameter(torch.empty(dim, r, dtype=dtype, device=device))
+        return A, B
+
+    def lora_pair(self, name):
+        return self.lora_embedding_A[name], self.lora_embedding_B[name]
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_pair(adapter_name)
+        return (B @ A).T * self.scaling[adapter_name]  # (vocab, dim), the embedding table's shape
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self.live_adapters():
+            A, B = self.lora_pair(name)
+            after_a = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type,
+                                  base.scale_grad_by_freq, base.sparse)  # (..., r)
+            result = result + ((after_a @ B.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on nn.Conv2d: A is a conv with the base's kernel/stride/padding into r channels, B a 1x1 conv."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"LoRA on Conv2d supports groups=1 only; this layer has groups={base_layer.groups}. "
+                "Leave it out with exclude_modules, or target the pointwise convs instead."
+            )
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def _make_pair(self, r, dtype, device):
+        base = self.base_layer
+        A = nn.Conv2d(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                      bias=False, dtype=dtype, device=device)
+        B = nn.Conv2d(r, base.out_channels, 1, 1, bias=False, dtype=dtype, device=device)
+        return A, B
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B = self.lora_pair(adapter_name)  # (r, in, kh, kw), (out, r, 1, 1)
+        if A.shape[2:] == (1, 1):
+            delta = (B.flatten(1) @ A.flatten(1))[:, :, None, None]
+        else:
+            # Compose the two convs into one kernel: treat A's input channels as a batch.
+            delta = F.conv2d(A.permute(1, 0, 2, 3), B).permute(1, 0, 2, 3)  # (out, in, kh, kw)
+        return delta * self.scaling[adapter_name]
