@@ -101,6 +101,14 @@ class AdapterConfig:
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear" and (
+                self.layers_to_transform is not None or self.layers_pattern is not None):
+            # PEFT refuses this pair (its files could not be read there); a regex can name the layers itself.
+            raise ConfigError(
+                f"target_modules={self.target_modules!r} is a regular expression, which cannot be combined with "
+                f"layers_to_transform/layers_pattern (HF PEFT refuses such a config). Put the layer indices into the "
+                r"expression, e.g. r'.*\.layers\.(0|1)\.self_attn\.(q|v)_proj', or give target_modules as a list."
+            )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError(
                 f"layers_pattern={self.layers_pattern!r} is set but layers_to_transform is not; "
@@ -118,10 +126,21 @@ class AdapterConfig:
             out[f.name] = value
         return out
 
+    def to_json_string(self) -> str:
+        """The file's text. Raises (before anything is written) if a value cannot be stored as JSON."""
+        try:
+            return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        except TypeError as err:
+            bad = [k for k, v in self.to_dict().items() if not _json_ok(v)]
+            raise ConfigError(
+                f"{type(self).__name__} cannot be written to {CONFIG_NAME}: {', '.join(bad) or 'a field'} "
+                f"holds a value JSON cannot store ({err}). Use plain str/int/float/bool/list/dict values."
+            ) from err
+
     def save_pretrained(self, directory: str | os.PathLike) -> None:
+        text = self.to_json_string()
         os.makedirs(directory, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
-        atomic_write_text(os.path.join(directory, CONFIG_NAME), text + "\n")
+        atomic_write_text(os.path.join(directory, CONFIG_NAME), text)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "the config") -> "AdapterConfig":
@@ -149,6 +168,14 @@ class AdapterConfig:
 
 # Keys that describe the file, not the math.
 _ALWAYS_IGNORED = {"auto_mapping", "peft_version", "megatron_core"}
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _is_off(value: Any) -> bool:
@@ -198,9 +225,10 @@ def check_number(config_name: str, field_name: str, value: Any, *, low=None, hig
     if not ok:
         lo = "" if low is None else (f">= {low}" if low_inclusive else f"> {low}")
         hi = "" if high is None else (f"<= {high}" if high_inclusive else f"< {high}")
-        want = " and ".join(x for x in (lo, hi) if x) or "a number"
+        want = " and ".join(x for x in (lo, hi) if x)
         what = "an integer" if integer else "a number"
-        raise ConfigError(f"{config_name}.{field_name}={value!r} is not valid; it must be {what} {want}.")
+        raise ConfigError(f"{config_name}.{field_name}={value!r} is not valid; it must be {what}"
+                          f"{' ' + want if want else ''}.")
 
 
 __all__ = ["AdapterConfig", "TaskType", "ConfigError", "CONFIG_NAME", "field_docs", "field", "check_choice",

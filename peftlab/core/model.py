@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import os
 import warnings
 from collections.abc import Iterator
@@ -22,11 +23,12 @@ import torch
 from torch import nn
 
 from ..io import adapter_files
-from .config import AdapterConfig, ConfigError, TaskType
+from ..io.atomic import atomic_write_text
+from .config import CONFIG_NAME, AdapterConfig, ConfigError, TaskType
 from .layer import AdapterLayer
 from .method import Method, method_for_config, method_for_peft_type
 from .modules_to_save import ModulesToSaveWrapper
-from .targets import matches, resolve_target_spec, select_targets
+from .targets import ALL_LINEAR, matches, resolve_target_spec, select_targets
 
 # Heads a task adds to modules_to_save (if the model has them), as PEFT does.
 TASK_HEADS = {
@@ -34,6 +36,11 @@ TASK_HEADS = {
     TaskType.TOKEN_CLS: ["classifier", "score"],
     TaskType.QUESTION_ANS: ["qa_outputs"],
 }
+
+
+# PEFT's names of embedding layers: targeting one makes save_pretrained (save_embedding_layers="auto") save
+# the embedding layer's own weights too.
+EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
 
 
 class TunerModel(nn.Module):
@@ -115,13 +122,25 @@ class PeftModel(nn.Module):
         method = method_for_config(peft_config)
         model = self.base_model.model
         config = self._complete_config(peft_config, model)
-        skip = tuple(f"{n}." for n, _ in self._wrappers())
-        self._add_modules_to_save(adapter_name, config, model, skip)
-        skip = tuple(f"{n}." for n, _ in self._wrappers()) + tuple(n for n, m in self._wrappers()
-                                                                   if isinstance(m, ModulesToSaveWrapper))
-        spec = resolve_target_spec(config, model, method.default_targets, method.name)
-        for name in select_targets(model, config, spec, skip):
-            self._inject_one(model, name, adapter_name, config, method)
+        try:
+            skip = tuple(f"{n}." for n, _ in self._wrappers())
+            self._add_modules_to_save(adapter_name, config, model, skip)
+            skip = tuple(f"{n}." for n, _ in self._wrappers()) + tuple(n for n, m in self._wrappers()
+                                                                       if isinstance(m, ModulesToSaveWrapper))
+            spec = resolve_target_spec(config, model, method.default_targets, method.name)
+            chosen = select_targets(model, config, spec, skip)
+            for name in chosen:
+                self._inject_one(model, name, adapter_name, config, method)
+        except BaseException:
+            # A target that fails half way (e.g. one of the matches is a LayerNorm) must not leave the modules
+            # before it carrying a half-added adapter.
+            self._remove_from_modules(adapter_name)
+            raise
+        if config.target_modules is None or config.target_modules == ALL_LINEAR:
+            # Record what was resolved, as PEFT does (its files never hold null or "all-linear"): the file then says
+            # what it adapts (vLLM reads target_modules), PEFT reads it even beside layers_to_transform, and a later
+            # change of defaults cannot change what a saved file loads.
+            config = dataclasses.replace(config, target_modules=spec if config.target_modules is None else chosen)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
 
@@ -138,10 +157,21 @@ class PeftModel(nn.Module):
         return dataclasses.replace(config, **changes) if changes else dataclasses.replace(config)
 
     def _add_modules_to_save(self, adapter_name, config, model, skip) -> None:
+        task_heads = TASK_HEADS.get(config.task_type, [])
         for entry in config.modules_to_save or []:
             hits = [n for n, _ in model.named_modules() if n and matches(n, [entry]) and not n.startswith(skip)]
+            if not hits and entry in task_heads:
+                # PEFT writes every head name its task knows (SEQ_CLS: "classifier" and "score"); a model has one.
+                continue
             if not hits:
-                raise ConfigError(f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}.")
+                leafs = sorted({n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if n})
+                near = difflib.get_close_matches(entry.rsplit(".", 1)[-1], leafs, n=3, cutoff=0.5)
+                hint = f" Nearest module names present: {', '.join(near)}." if near else ""
+                raise ConfigError(
+                    f"modules_to_save entry {entry!r} matched no module of {type(model).__name__}.{hint} Entries "
+                    f"match a module whose full name equals them or ends with '.' + entry, e.g. "
+                    f"modules_to_save=[{(near or leafs or ['lm_head'])[0]!r}]."
+                )
             for name in hits:
                 module = model.get_submodule(name)
                 if isinstance(module, AdapterLayer):
@@ -160,6 +190,7 @@ class PeftModel(nn.Module):
                     f"adapters of different methods on one module. Exclude it with exclude_modules=[{name!r}]."
                 )
             module.add_adapter(adapter_name, config, name)
+            module.train(module.base_layer.training)  # new submodules (e.g. dropout) follow the model's mode
             return
         wrapper_cls = method.wrapper_for(module)
         if wrapper_cls is None:
@@ -169,6 +200,7 @@ class PeftModel(nn.Module):
             )
         wrapper = wrapper_cls(module)
         wrapper.add_adapter(adapter_name, config, name)
+        wrapper.train(module.training)  # an eval-mode model stays in eval mode (dropout off)
         _set_submodule(model, name, wrapper)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
@@ -191,12 +223,7 @@ class PeftModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known(adapter_name)
-        model = self.base_model.model
-        for name, wrapper in list(self._wrappers()):
-            wrapper.delete_adapter(adapter_name)
-            if not wrapper.adapter_names:  # nothing left on it: put the original module back
-                original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
-                _set_submodule(model, name, original)
+        self._remove_from_modules(adapter_name)
         del self.peft_config[adapter_name]
         remaining = [a for a in self._active if a != adapter_name]
         if not remaining and self.peft_config:
@@ -205,12 +232,24 @@ class PeftModel(nn.Module):
         if remaining:
             self.set_adapter(remaining)
 
+    def _remove_from_modules(self, adapter_name: str) -> None:
+        model = self.base_model.model
+        for name, wrapper in list(self._wrappers()):
+            wrapper.delete_adapter(adapter_name)
+            if not wrapper.adapter_names:  # nothing left on it: put the original module back
+                original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
+                _set_submodule(model, name, original)
+
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within this block the model computes as the bare base model (no adapter, no saved-module copy)."""
         if any(layer.merged for _, layer in self._adapter_layers()):
             warnings.warn("Adapters were merged; unmerging them so that the base model can run without them.")
             self.unmerge_adapter()
+        trained_bias = [a for a in self._active if getattr(self.peft_config[a], "bias", "none") != "none"]
+        if trained_bias:
+            warnings.warn(f"Adapters {trained_bias} train the base model's biases in place (bias != 'none'); "
+                          "disabling adapters does not undo that, so outputs differ from the original base model.")
         wrappers = [w for _, w in self._wrappers()]
         for w in wrappers:
             w.disabled = True
@@ -242,8 +281,17 @@ class PeftModel(nn.Module):
             return []
         model = self.base_model.model
         if mode == "all":
-            owned = {id(t) for _, w in self._wrappers() for a in w.adapter_names for t in w.adapter_tensors(a).values()}
-            return [(n, p) for n, p in model.named_parameters() if n.endswith("bias") and id(p) not in owned]
+            # PEFT's rule, so files match key for key: every ".bias" entry of the state dict except other adapters',
+            # with this adapter's name taken out. A modules_to_save copy's bias is thus saved twice ("head.bias" and
+            # "head.modules_to_save.bias"); PEFT writes and reads both.
+            others = [a for a in self.peft_config if a != adapter_name]
+            out = []
+            for n, t in model.state_dict(keep_vars=True).items():
+                if not (n == "bias" or n.endswith(".bias")) or any(f".{a}." in n for a in others):
+                    continue
+                head, _, leaf = n.rpartition(".")  # the adapter name, if any, is the segment before the leaf
+                out.append((f"{head.removesuffix(f'.{adapter_name}')}.{leaf}" if head else n, t))
+            return out
         return [(f"{path}.base_layer.bias", layer.base_layer.bias) for path, layer in self._adapter_layers()
                 if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None]
 
@@ -352,20 +400,81 @@ class PeftModel(nn.Module):
     # ---- files --------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, **_ignored) -> None:
+                        safe_serialization: bool = True, save_embedding_layers: bool | str = "auto",
+                        **_ignored) -> None:
         """Write each adapter as adapter_config.json + adapter_model.safetensors (HF PEFT layout).
-        The adapter named "default" goes in `save_directory`, any other in `save_directory/<name>/`."""
+        The adapter named "default" goes in `save_directory`, any other in `save_directory/<name>/`.
+        `save_embedding_layers` (PEFT's): also save the input/output embedding layers' own weights; "auto" does
+        so when an embedding layer ("embed_tokens", "lm_head") is a LoRA target, as PEFT does."""
         if not safe_serialization:
-            raise ValueError("peftlab writes safetensors only (pickle files can run code when loaded).")
+            raise ValueError("save_pretrained(safe_serialization=False) asks for a pickle file (adapter_model.bin), "
+                             "which can run code when loaded; peftlab writes safetensors only. Leave "
+                             "safe_serialization at its default (True).")
         if os.path.isfile(save_directory):
             raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
         for name in selected_adapters or list(self.peft_config):
             self._check_known(name)
             folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
+            # The config's text before any file changes: a value JSON cannot hold must not leave new weights
+            # beside the old config.
+            # inference_mode=True in the file, as PEFT writes it (loaders set it from is_trainable anyway).
+            config_text = dataclasses.replace(self.peft_config[name], inference_mode=True).to_json_string()
+            tensors = self.adapter_tensors(name)
+            tensors.update(self._embedding_layers_to_save(name, save_embedding_layers))
             os.makedirs(folder, exist_ok=True)
             # Weights first, config last: a folder whose config is present has weights that match it.
-            adapter_files.write_weights(folder, self.adapter_tensors(name))
-            self.peft_config[name].save_pretrained(folder)
+            adapter_files.write_weights(folder, tensors)
+            atomic_write_text(os.path.join(folder, CONFIG_NAME), config_text)
+
+    def _embedding_layers_to_save(self, adapter_name: str, save: bool | str) -> dict[str, torch.Tensor]:
+        """PEFT's `save_embedding_layers`: the base embedding layers' weights, saved beside the adapter. With
+        "auto" PEFT saves them when an embedding layer is targeted (only the targeted, wrapped ones); we do the
+        same so that files match key for key. (PEFT's other "auto" case, a vocabulary resized since the base
+        checkpoint, needs the base config from the hub and is not detected here: pass True.)"""
+        targets = self.peft_config[adapter_name].target_modules
+        if isinstance(targets, str):
+            targeted = targets != ALL_LINEAR and any(
+                matches(n, targets) for n, _ in self.base_model.model.named_modules()
+                if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
+        else:
+            targeted = any(t in EMBEDDING_LAYER_NAMES for t in targets or [])
+        if save == "auto":
+            save = targeted
+        if not save:
+            return {}
+        return {k: t for k, (t, wrapped) in self._embedding_layer_tensors().items() if wrapped or not targeted}
+
+    def _embedding_layer_tensors(self) -> dict[str, tuple[torch.Tensor, bool]]:
+        """{file key: (tensor, is it LoRA-wrapped)} for the input and output embedding layers' own tensors; a
+        wrapped layer's live under `<path>.base_layer.` (PEFT's keys)."""
+        model = self.base_model.model
+        out: dict[str, tuple[torch.Tensor, bool]] = {}
+        for getter in ("get_input_embeddings", "get_output_embeddings"):
+            fn = getattr(model, getter, None)
+            layer = fn() if callable(fn) else None
+            if layer is None or isinstance(layer, ModulesToSaveWrapper):  # a saved copy is in the file already
+                continue
+            wrapped = isinstance(layer, AdapterLayer)
+            module = layer.base_layer if wrapped else layer
+            path = next((n for n, m in model.named_modules() if m is module), None)
+            if path is None:
+                continue
+            for key, tensor in module.state_dict(keep_vars=True).items():
+                out[f"{adapter_files.KEY_PREFIX}{path}.{key}"] = (tensor, wrapped)
+        return out
+
+    def _load_tensors(self, adapter_name: str, found: dict[str, torch.Tensor], source: str) -> None:
+        """Copy a file's tensors into adapter `adapter_name`; embedding-layer weights saved with it (PEFT's
+        save_embedding_layers) go into the base embedding layers, as PEFT loads them. Everything is checked
+        before anything is copied."""
+        expected = self.adapter_tensors(adapter_name)
+        base = self._embedding_layer_tensors()
+        found = dict(found)
+        embeddings = {k: found.pop(k) for k in list(found) if k in base and k not in expected}
+        embedding_targets = {k: base[k][0] for k in embeddings}
+        adapter_files.check_fits(embedding_targets, embeddings, source)  # load_into checks the adapter's own
+        adapter_files.load_into(expected, found, source)
+        adapter_files.load_into(embedding_targets, embeddings, source)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
@@ -377,7 +486,11 @@ class PeftModel(nn.Module):
         config = dataclasses.replace(config, inference_mode=not is_trainable)
         weights = adapter_files.read_weights(folder)  # read before touching the model: fail early
         peft_model = cls(model, config, adapter_name)
-        adapter_files.load_into(peft_model.adapter_tensors(adapter_name), weights, folder)
+        try:
+            peft_model._load_tensors(adapter_name, weights, folder)
+        except Exception:
+            peft_model.unload()  # hand the caller's model back as it was, without wrappers injected into it
+            raise
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
@@ -388,7 +501,7 @@ class PeftModel(nn.Module):
         weights = adapter_files.read_weights(folder)
         self.add_adapter(adapter_name, config)
         try:
-            adapter_files.load_into(self.adapter_tensors(adapter_name), weights, folder)
+            self._load_tensors(adapter_name, weights, folder)
         except Exception:
             self.delete_adapter(adapter_name)  # leave the model as it was
             raise

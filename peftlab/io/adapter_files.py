@@ -11,6 +11,7 @@ import json
 import os
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..core.config import CONFIG_NAME
@@ -50,8 +51,12 @@ def resolve_adapter_dir(model_id: str | os.PathLike, subfolder: str | None = Non
 def read_config_dict(folder: str) -> dict:
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
+        pickle_note = ""
+        if os.path.isfile(os.path.join(folder, PICKLE_WEIGHTS_NAME)):  # say now, not after the config is fixed
+            pickle_note = " " + _pickle_refusal(folder)
         raise AdapterFileError(f"{folder!r} has no {CONFIG_NAME}; it is not an adapter folder "
-                               f"(found: {sorted(os.listdir(folder))[:10]}).")
+                               f"(found: {sorted(os.listdir(folder))[:10]}). Pass the folder that save_pretrained "
+                               f"wrote (it holds {CONFIG_NAME} and {WEIGHTS_NAME}).{pickle_note}")
     try:
         with open(path, encoding="utf-8") as fh:
             return json.load(fh)
@@ -62,16 +67,26 @@ def read_config_dict(folder: str) -> dict:
 def read_weights(folder: str) -> dict[str, torch.Tensor]:
     path = os.path.join(folder, WEIGHTS_NAME)
     if os.path.isfile(path):
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:  # truncated or not a safetensors file at all
+            raise AdapterFileError(f"{path} is not a readable safetensors file ({err}); it is damaged or "
+                                   "incomplete. Save the adapter again with save_pretrained.") from err
+    if os.path.isfile(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
+        raise AdapterFileError(_pickle_refusal(folder))
+    raise AdapterFileError(f"{folder!r} has no {WEIGHTS_NAME} (found: {sorted(os.listdir(folder))[:10]}). "
+                           "Pass the folder that save_pretrained wrote.")
+
+
+def _pickle_refusal(folder: str) -> str:
     pickle_path = os.path.join(folder, PICKLE_WEIGHTS_NAME)
-    if os.path.isfile(pickle_path):
-        raise AdapterFileError(
-            f"{pickle_path} is a pickle file, which can run arbitrary code when loaded; peftlab reads only "
-            f"safetensors and did not open it. If you trust its source, convert it once with:\n"
-            f"  python -c \"import torch; from safetensors.torch import save_file; "
-            f"save_file(torch.load('{pickle_path}', weights_only=True), '{path}')\""
-        )
-    raise AdapterFileError(f"{folder!r} has no {WEIGHTS_NAME} (found: {sorted(os.listdir(folder))[:10]}).")
+    path = os.path.join(folder, WEIGHTS_NAME)
+    return (
+        f"{pickle_path} is a pickle file, which can run arbitrary code when loaded; peftlab reads only "
+        f"safetensors and did not open it. If you trust its source, convert it once with:\n"
+        f"  python -c \"import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load('{pickle_path}', weights_only=True), '{path}')\""
+    )
 
 
 def write_weights(folder: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -82,6 +97,14 @@ def write_weights(folder: str, tensors: dict[str, torch.Tensor]) -> None:
 
 def load_into(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """Copy file tensors into the model's tensors, after checking names and shapes all agree."""
+    check_fits(expected, found, source)
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(found[key].to(dtype=target.dtype, device=target.device))
+
+
+def check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
+    """Raise AdapterFileError naming every missing, unexpected or wrongly shaped tensor; copy nothing."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = [(k, tuple(found[k].shape), tuple(expected[k].shape))
@@ -100,9 +123,6 @@ def load_into(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
             ". Check that the base model is the one the adapter was trained on (its adapter_config.json names "
             "it under base_model_name_or_path)."
         )
-    with torch.no_grad():
-        for key, target in expected.items():
-            target.copy_(found[key].to(dtype=target.dtype, device=target.device))
 
 
 def _few(keys: list[str], n: int = 5) -> str:

@@ -66,3 +66,5 @@ class LoraConfig(AdapterConfig):
         for module, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise ConfigError(f"{name}.rank_pattern[{module!r}]={rank!r} is not valid; ranks are integers >= 1.")
+        for module, alpha in self.alpha_pattern.items():  # checked like lora_alpha, not at the first forward
+            check_number(name, f"alpha_pattern[{module!r}]", alpha)

@@ -95,6 +95,13 @@ class LoraLinear(LoraLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
+    def add_adapter(self, adapter_name: str, config: LoraConfig, module_name: str) -> None:
+        if self.fan_in_fan_out:
+            # Record the (in, out) layout in the config, as PEFT does when it meets a Conv1D: the file must say
+            # how B A is laid out for tools that merge from it. (The config is the model's own copy.)
+            config.fan_in_fan_out = True
+        super().add_adapter(adapter_name, config, module_name)
+
     def _make_pair(self, r, dtype, device):
         A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)
         B = nn.Linear(r, self.out_features, bias=False, dtype=dtype, device=device)

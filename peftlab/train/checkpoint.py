@@ -1,0 +1,72 @@
+"""Resumable training checkpoints, written atomically.
+
+A checkpoint is a folder `checkpoints/step-000123/` holding:
+- `adapter/`: the adapter in PEFT layout (also usable on its own);
+- `state.pt`: optimizer, scheduler, step, early-stopping state and RNG states. Read back with
+  `torch.load(weights_only=True)`, which unpickles only tensors and plain containers, never code.
+The folder is built under a temporary name and renamed into place, so a crash never leaves a checkpoint
+that `--resume` would pick up half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+
+import torch
+
+from ..io import adapter_files
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
+             "python_gauss": random.getstate()[2]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: str, step: int, peft_model, state: dict, keep: int) -> str:
+    folder = os.path.join(root, f"step-{step:06d}")
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}.tmp-", dir=root)
+    try:
+        peft_model.save_pretrained(os.path.join(tmp, "adapter"))
+        torch.save(state, os.path.join(tmp, "state.pt"))
+        if os.path.exists(folder):  # the same step saved twice (e.g. a rerun): replace it
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def list_checkpoints(root: str) -> list[str]:
+    """Complete checkpoint folders, oldest first (temporary folders are ignored)."""
+    if not os.path.isdir(root):
+        return []
+    steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
+    return [os.path.join(root, name) for _, name in steps]
+
+
+def load_checkpoint(folder: str, peft_model, adapter_name: str = "default") -> dict:
+    """Load adapter weights into `peft_model` and return the training state."""
+    sub = os.path.join(folder, "adapter")
+    sub = sub if adapter_name == "default" else os.path.join(sub, adapter_name)
+    adapter_files.load_into(peft_model.adapter_tensors(adapter_name), adapter_files.read_weights(sub), sub)
+    return torch.load(os.path.join(folder, "state.pt"), weights_only=True)

