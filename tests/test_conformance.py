@@ -5,7 +5,8 @@ The invariants checked for every row:
 - identity at init (where the method has it): the wrapped model computes what the base computes;
 - merged output equals unmerged output; unmerge restores the base weights;
 - disable_adapter() and unload() give the base model's output back;
-- only the adapter's own tensors receive gradients;
+- only the adapter's trainable tensors (`trainable_tensors`: its parameters, less any the method keeps frozen,
+  e.g. LoRA-FA's A) are trainable and receive gradients; its frozen tensors get none;
 - save -> load reproduces every adapter tensor exactly and the same output;
 - a few optimizer steps on one batch: loss falls, adapter weights move, base weights stay.
 """
@@ -19,6 +20,10 @@ import torch
 
 from peftlab import LoraConfig, PeftModel, TaskType, get_peft_model, registered_methods
 from peftlab.core.layer import AdapterLayer
+from peftlab.methods.lora_fa import LoraFaConfig
+from peftlab.methods.lora_plus import LoraPlusConfig
+from peftlab.methods.vera import VeraConfig
+from peftlab.methods.dora import DoraConfig
 
 from .conftest import BUILDERS, model_inputs, output_of
 
@@ -31,6 +36,27 @@ CASES = [
     ("lora", "gpt2", lambda: LoraConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="all"), True),
     ("lora", "bert", lambda: LoraConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
     ("lora", "t5", lambda: LoraConfig(r=4, task_type=TaskType.SEQ_2_SEQ_LM, layers_to_transform=[1]), True),
+    ("vera", "llama", lambda: VeraConfig(r=16, task_type=TaskType.CAUSAL_LM), True),
+    ("vera", "llama", lambda: VeraConfig(r=8, target_modules="all-linear", vera_dropout=0.1, bias="vera_only",
+                                         save_projection=False), True),
+    ("vera", "gpt2", lambda: VeraConfig(r=8, task_type=TaskType.CAUSAL_LM, bias="all"), True),
+    ("vera", "bert", lambda: VeraConfig(r=8, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
+    ("vera", "t5", lambda: VeraConfig(r=8, task_type=TaskType.SEQ_2_SEQ_LM, target_modules=["q", "v", "wo"]), True),
+    ("lora_fa", "llama", lambda: LoraFaConfig(r=4, lora_alpha=8, task_type=TaskType.CAUSAL_LM), True),
+    ("lora_fa", "llama", lambda: LoraFaConfig(r=4, target_modules="all-linear", lora_dropout=0.1), True),
+    ("lora_fa", "gpt2", lambda: LoraFaConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="lora_only"), True),
+    ("lora_fa", "bert", lambda: LoraFaConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
+    ("lora_plus", "llama", lambda: LoraPlusConfig(r=4, target_modules=["embed_tokens", "q_proj", "v_proj"],
+                                                  loraplus_lr_ratio=4), True),
+    ("lora_plus", "gpt2", lambda: LoraPlusConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="all"), True),
+    ("lora_plus", "bert", lambda: LoraPlusConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head
+    ("dora", "llama", lambda: DoraConfig(r=4, lora_alpha=8, task_type=TaskType.CAUSAL_LM), True),
+    ("dora", "llama", lambda: DoraConfig(r=4, target_modules="all-linear", use_rslora=True, lora_dropout=0.1), True),
+    ("dora", "llama", lambda: DoraConfig(r=2, target_modules=["embed_tokens", "q_proj"], rank_pattern={"q_proj": 3}),
+     True),
+    ("dora", "gpt2", lambda: DoraConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="lora_only"), True),
+    ("dora", "bert", lambda: DoraConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
+    ("dora", "t5", lambda: DoraConfig(r=4, task_type=TaskType.SEQ_2_SEQ_LM, target_modules=["q", "v", "wo"]), True),
 ]
 IDS = [f"{m}-{a}-{i}" for i, (m, a, _, _) in enumerate(CASES)]
 
@@ -111,11 +137,12 @@ class TestConformance:
         model.train()
         x = model_inputs(arch)
         model(**x).logits.float().pow(2).mean().backward()
-        owned = {id(t) for t in model.adapter_tensors("default").values() if isinstance(t, torch.nn.Parameter)}
+        owned = {id(t) for t in model.trainable_tensors("default").values()}
+        assert owned <= {id(t) for t in model.adapter_tensors("default").values()}
         with_grad = {id(p) for p in model.parameters() if p.grad is not None}
         trainable = {id(p) for p in model.parameters() if p.requires_grad}
         assert trainable == owned
-        assert with_grad <= owned and with_grad, "gradients must reach adapter tensors and nothing else"
+        assert with_grad <= owned and with_grad, "gradients must reach trainable adapter tensors and nothing else"
 
     def test_save_load_exact(self, method, arch, make_config, identity, tmp_path):
         model, _ = _build(arch, make_config)

@@ -156,7 +156,8 @@ def test_failed_get_peft_model_leaves_the_base_model_unwrapped():
     (dict(lora_alpha="big"), r"LoraConfig\.lora_alpha='big' is not valid; it must be a number\.$"),
     (dict(bias="some"), r"LoraConfig\.bias='some' is not valid; use one of: 'none', 'all', 'lora_only'\."),
     (dict(init_lora_weights="nonsense"),
-     r"LoraConfig\.init_lora_weights='nonsense' is not valid; use one of: 'default', 'gaussian', 'random'\."),
+     r"LoraConfig\.init_lora_weights='nonsense' is not valid; use one of: True, False, 'default', 'gaussian', "
+     r"'random', 'pissa', 'pissa_niter_<number>', 'olora' \(<number>: an integer"),
     (dict(task_type="FOO"), r"task_type='FOO' is not a known task type; use one of: CAUSAL_LM, SEQ_CLS"),
     (dict(rank_pattern={"q_proj": 0}), r"LoraConfig\.rank_pattern\['q_proj'\]=0 is not valid; ranks are integers >= 1"),
     (dict(alpha_pattern={"v_proj": "x"}),

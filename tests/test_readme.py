@@ -24,7 +24,7 @@ def test_first_screen_has_exactly_two_commands():
     first = blocks("bash")[0]
     assert README.index(first) < 1500  # on the first screen
     run_main, run_tests = commands(first)
-    assert "examples/quickstart.py" in run_main
+    assert run_main.endswith("peftlab train"), "the main job is the shipped default run"
     assert "pytest" in run_tests
 
 

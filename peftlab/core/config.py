@@ -54,6 +54,11 @@ class AdapterConfig:
     # Keys PEFT writes that we accept when they hold these "off" values (see module docstring).
     peft_inert_keys: ClassVar[dict[str, Any]] = {}
 
+    # Fields that only steer training (e.g. LoRA+'s learning-rate ratio) and change nothing the adapter computes:
+    # left out of adapter_config.json, so a file tagged with another method's peft_type (LoRA+ writes "LORA") holds
+    # only that method's keys and PEFT and vLLM read it as such. They stay in `to_dict` (run configs keep them).
+    file_omits: ClassVar[tuple[str, ...]] = ()
+
     task_type: TaskType | str | None = None
     """What the model is for (CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, QUESTION_ANS,
     FEATURE_EXTRACTION). SEQ_CLS/TOKEN_CLS/QUESTION_ANS keep the task head trainable and saved."""
@@ -129,7 +134,8 @@ class AdapterConfig:
     def to_json_string(self) -> str:
         """The file's text. Raises (before anything is written) if a value cannot be stored as JSON."""
         try:
-            return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+            data = {k: v for k, v in self.to_dict().items() if k not in self.file_omits}
+            return json.dumps(data, indent=2, sort_keys=True) + "\n"
         except TypeError as err:
             bad = [k for k, v in self.to_dict().items() if not _json_ok(v)]
             raise ConfigError(

@@ -11,6 +11,13 @@ What a subclass provides:
   loading all read it (nothing is found by substring matching on names).
 - `forward(x, ...)`.
 - `delta_weight(name)` (optional): the adapter's update in the base weight's shape, if it can be merged.
+- `trainable_tensors(name)` (optional): the part of `adapter_tensors` that trains. Default: every nn.Parameter
+  in it. A method whose adapter holds parameters that are saved but never trained returns fewer (LoRA-FA keeps
+  A frozen at its random init); core then leaves those at requires_grad=False.
+
+Model-level tensors a method declares with `Method.shared_tensors` (VeRA's projections, one pair for all layers)
+are not owned by any layer: core keeps them on the wrapped model and gives every layer of the adapter a reference,
+read with `self.shared_tensor(name, adapter_name)`.
 
 The base class does the bookkeeping every method needs: which adapters are active, which are merged into
 the base weight, disabling, deleting, and merge/unmerge through `delta_weight`.
@@ -37,6 +44,10 @@ class AdapterLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disabled = False
+        # name -> the model-level store of that shared tensor (keyed by adapter), filled in by core after the
+        # method's `shared_tensors` hook ran. A plain dict, not a ModuleDict: the stores are registered once on the
+        # wrapped model, and registering them here too would repeat them in every layer's state dict.
+        self.shared_stores: dict[str, nn.Module] = {}
 
     # ---- to implement ------------------------------------------------------------------------------
 
@@ -48,6 +59,21 @@ class AdapterLayer(nn.Module):
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} adapters cannot be merged into the base weight.")
+
+    def trainable_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The part of `adapter_tensors(adapter_name)` that trains (same keys); default every nn.Parameter."""
+        return {k: t for k, t in self.adapter_tensors(adapter_name).items() if isinstance(t, nn.Parameter)}
+
+    def shared_tensor(self, name: str, adapter_name: str) -> torch.Tensor:
+        """The model-level tensor `name` that this layer's method declared with `Method.shared_tensors`."""
+        store = self.shared_stores.get(name)
+        if store is None or adapter_name not in store:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the shared tensor {name!r} of adapter {adapter_name!r}, which the "
+                f"wrapped model has not handed it (known: {sorted(self.shared_stores)}). Add adapters through "
+                "get_peft_model / PeftModel.add_adapter, which create the method's shared tensors after injection."
+            )
+        return store[adapter_name]
 
     # ---- shared bookkeeping ------------------------------------------------------------------------
 

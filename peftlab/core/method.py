@@ -13,11 +13,15 @@ A `Method` says:
   `param_groups` (e.g. LoRA+'s separate learning rate for B), `on_step` (e.g. AdaLoRA's rank budget,
   Delta-LoRA's base update), `extra_loss` (e.g. AdaLoRA's orthogonality regulariser);
 - `combine` (optional): build a new adapter from weighted existing ones (`add_weighted_adapter`).
+- `shared_tensors` / `saves_shared` (optional): model-level tensors one adapter owns once for all its layers
+  (VeRA's shared random projections), kept and saved by core.
+- `to_file` / `load_targets` / `after_load` (optional): what a method's files hold beyond `adapter_tensors`
+  (AdaLoRA's pruned triplets, Delta-LoRA's updated base weights) and what loading does after the copy.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +43,22 @@ def _no_step(model: "PeftModel", adapter_name: str, step: int) -> None:
 
 
 def _no_loss(model: "PeftModel", adapter_name: str):
+    return None
+
+
+def _always(config: AdapterConfig) -> bool:
+    return True
+
+
+def _same_tensors(model: "PeftModel", adapter_name: str, tensors: dict[str, Any]) -> dict[str, Any]:
+    return tensors
+
+
+def _no_load_targets(model: "PeftModel", adapter_name: str, found: dict[str, Any]) -> None:
+    return None
+
+
+def _no_after_load(model: "PeftModel", adapter_name: str) -> None:
     return None
 
 
@@ -64,7 +84,8 @@ class Method:
     parameters, or None for one plain group."""
 
     on_step: Callable[..., None] = _no_step
-    """(model, adapter_name, step) -> None, called by the loop after every optimizer step."""
+    """(model, adapter_name, step) -> None, called by the loop after every optimizer step, before the gradients
+    are cleared (so a hook can read them); `step` counts completed optimizer steps from 1."""
 
     extra_loss: Callable[..., Any] = _no_loss
     """(model, adapter_name) -> a scalar tensor added to the training loss, or None."""
@@ -72,6 +93,40 @@ class Method:
     combine: Callable[..., None] | None = None
     """(model, adapters, weights, adapter_name, combination_type, **options) -> None: add a new adapter that
     combines existing ones. None: `add_weighted_adapter` is not available for this method."""
+
+    shared_tensors: Callable[..., dict[str, Any]] | None = None
+    """(model, adapter_name, config, layers) -> {name: tensor}: model-level tensors that one adapter owns once
+    for all of its layers, e.g. VeRA's frozen random projections A (r, in_max) and B (out_max, r) that every
+    adapted layer slices. Called once per adapter, after its layers are injected; `layers` is [(module path,
+    layer)] of that adapter, so the hook can size the tensors to the largest layer. Core keeps each tensor as a
+    frozen buffer at `base_model.<name>.<adapter_name>` (PEFT's place, e.g. `base_model.vera_A.default`), moves it
+    with the model, drops it with the adapter, hands every layer of the adapter a reference (a layer reads it with
+    `self.shared_tensor(name, adapter_name)`), and lists it in `PeftModel.adapter_tensors` under the file key
+    `base_model.<name>` (its state-dict name without the adapter name, PEFT's rule) when `saves_shared(config)`.
+    None: the method has no model-level tensors."""
+
+    saves_shared: Callable[[AdapterConfig], bool] = _always
+    """(config) -> whether the `shared_tensors` are written to (and read from) the adapter file. False: they are
+    left out, and loading rebuilds them by calling `shared_tensors` again (VeRA's save_projection=False
+    regenerates its projections from projection_prng_key)."""
+
+    to_file: Callable[..., dict[str, Any]] = _same_tensors
+    """(model, adapter_name, tensors) -> tensors: the {file key: tensor} dict `save_pretrained` (and so every
+    checkpoint) is about to write for this adapter (`adapter_tensors` plus any saved embedding layers); return
+    the dict to write. Default: unchanged. AdaLoRA keeps only the triplets its `rank_pattern` keeps (PEFT's
+    resize on save); Delta-LoRA adds the base weights it has changed in place."""
+
+    load_targets: Callable[..., dict[str, Any] | None] = _no_load_targets
+    """(model, adapter_name, found) -> {file key: tensor of the model} or None: tensors beyond `adapter_tensors`
+    that this method's files carry (`found` is the file's {key: tensor}), into which loading copies them, e.g.
+    Delta-LoRA's updated base weights. Called when a file is loaded into the adapter (from_pretrained,
+    load_adapter, checkpoint resume), after injection and before anything is copied; they are checked together
+    with the adapter's own tensors, so a file that does not fit changes nothing. The hook may also raise a
+    clearer error than the generic shape check for a file it knows it cannot read."""
+
+    after_load: Callable[..., None] = _no_after_load
+    """(model, adapter_name) -> None, called once a file's tensors are copied into the adapter: e.g. Delta-LoRA
+    takes the loaded A and B as the previous step's, so that training on continues its base update exactly."""
 
     def wrapper_for(self, module: nn.Module) -> type["AdapterLayer"] | None:
         for match, wrapper in self.layers:
@@ -144,6 +199,3 @@ def method_for_peft_type(peft_type: str, config_dict: dict[str, Any] | None = No
             return m
     return candidates[0]
 
-
-def iter_methods(names: Iterable[str]) -> list[Method]:
-    return [get_method(n) for n in names]

@@ -43,12 +43,36 @@ TASK_HEADS = {
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
 
 
+class SharedTensors(nn.Module):
+    """One model-level tensor per adapter, as buffers named by adapter (see `Method.shared_tensors`). Registered on
+    the TunerModel as `<name>`, so the state-dict names read `base_model.<name>.<adapter>` as in PEFT
+    (`base_model.vera_A.default`). Buffers, not parameters: shared tensors never train."""
+
+    def add(self, adapter_name: str, tensor: torch.Tensor, persistent: bool) -> None:
+        self.register_buffer(adapter_name, tensor.detach(), persistent=persistent)
+
+    def remove(self, adapter_name: str) -> None:
+        self._buffers.pop(adapter_name, None)
+        self._non_persistent_buffers_set.discard(adapter_name)
+
+    def __contains__(self, adapter_name: str) -> bool:
+        return adapter_name in self._buffers
+
+    def __getitem__(self, adapter_name: str) -> torch.Tensor:
+        return self._buffers[adapter_name]
+
+    def __len__(self) -> int:
+        return len(self._buffers)
+
+
 class TunerModel(nn.Module):
-    """Holds the user's model as `.model`; forward and attribute access go straight through."""
+    """Holds the user's model as `.model`; forward and attribute access go straight through. Methods' shared
+    tensors live here too, one `SharedTensors` store per name (listed in `shared_names`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.shared_names: list[str] = []
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -131,6 +155,8 @@ class PeftModel(nn.Module):
             chosen = select_targets(model, config, spec, skip)
             for name in chosen:
                 self._inject_one(model, name, adapter_name, config, method)
+            if method.shared_tensors is not None:
+                self._add_shared(adapter_name, config, method)
         except BaseException:
             # A target that fails half way (e.g. one of the matches is a LayerNorm) must not leave the modules
             # before it carrying a half-added adapter.
@@ -143,6 +169,31 @@ class PeftModel(nn.Module):
             config = dataclasses.replace(config, target_modules=spec if config.target_modules is None else chosen)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
+
+    def _add_shared(self, adapter_name: str, config: AdapterConfig, method: Method) -> None:
+        """Create the method's model-level tensors for this adapter and hand its layers a reference to them."""
+        layers = [(n, m) for n, m in self._adapter_layers() if adapter_name in m.adapter_names]
+        tensors = method.shared_tensors(self, adapter_name, config, layers)
+        persistent = bool(method.saves_shared(config))
+        tuner = self.base_model
+        for name, tensor in tensors.items():
+            store = tuner._modules.get(name)
+            if store is None:
+                if not name.isidentifier() or hasattr(tuner, name):
+                    raise ValueError(
+                        f"{method.name}'s shared_tensors returned the name {name!r}, which cannot be an attribute of "
+                        f"the wrapped model (not an identifier, or taken). Rename it in the method's hook.")
+                store = SharedTensors()
+                tuner.add_module(name, store)
+                tuner.shared_names.append(name)
+            store.add(adapter_name, tensor, persistent)
+            for _, layer in layers:
+                layer.shared_stores[name] = store
+
+    def _shared_of(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """{name: tensor} of the shared tensors adapter `adapter_name` owns."""
+        tuner = self.base_model
+        return {n: tuner._modules[n][adapter_name] for n in tuner.shared_names if adapter_name in tuner._modules[n]}
 
     def _complete_config(self, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
         changes = {}
@@ -233,6 +284,13 @@ class PeftModel(nn.Module):
             self.set_adapter(remaining)
 
     def _remove_from_modules(self, adapter_name: str) -> None:
+        tuner = self.base_model
+        for name in list(tuner.shared_names):
+            store = tuner._modules[name]
+            store.remove(adapter_name)
+            if not len(store):  # the last adapter that had it: drop the store itself
+                del tuner._modules[name]
+                tuner.shared_names.remove(name)
         model = self.base_model.model
         for name, wrapper in list(self._wrappers()):
             wrapper.delete_adapter(adapter_name)
@@ -272,7 +330,22 @@ class PeftModel(nn.Module):
                     out[f"{prefix}{path}.{suffix}"] = tensor
         for name, param in self._trained_biases(adapter_name):
             out[f"{prefix}{name}"] = param
+        shared = self._shared_of(adapter_name)
+        if shared and self.method_of(adapter_name).saves_shared(self.peft_config[adapter_name]):
+            # The store is `base_model.<name>`, its entry `base_model.<name>.<adapter>`: drop the adapter name.
+            out.update({f"base_model.{name}": t for name, t in shared.items()})
         return out
+
+    def trainable_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """The part of `adapter_tensors` that trains (same keys): every parameter in it except those a layer keeps
+        frozen (`AdapterLayer.trainable_tensors`, e.g. LoRA-FA's A). Shared tensors are buffers and never train."""
+        frozen: set[int] = set()
+        for _, layer in self._adapter_layers():
+            if adapter_name in layer.adapter_names:
+                keep = {id(t) for t in layer.trainable_tensors(adapter_name).values()}
+                frozen.update(id(t) for t in layer.adapter_tensors(adapter_name).values() if id(t) not in keep)
+        return {k: t for k, t in self.adapter_tensors(adapter_name).items()
+                if isinstance(t, nn.Parameter) and id(t) not in frozen}
 
     def _trained_biases(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
         """Biases that `bias="all"` / `"lora_only"` train and save with the adapter."""
@@ -296,15 +369,14 @@ class PeftModel(nn.Module):
                 if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None]
 
     def _refresh_trainable(self) -> None:
-        """Freeze everything, then unfreeze what the active, trainable adapters own."""
+        """Freeze everything, then unfreeze what the active, trainable adapters train (`trainable_tensors`)."""
         for p in self.base_model.parameters():
             p.requires_grad_(False)
         for name in self._active:
             if self.peft_config[name].inference_mode:
                 continue
-            for t in self.adapter_tensors(name).values():
-                if isinstance(t, nn.Parameter):
-                    t.requires_grad_(True)
+            for t in self.trainable_tensors(name).values():
+                t.requires_grad_(True)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -421,6 +493,7 @@ class PeftModel(nn.Module):
             config_text = dataclasses.replace(self.peft_config[name], inference_mode=True).to_json_string()
             tensors = self.adapter_tensors(name)
             tensors.update(self._embedding_layers_to_save(name, save_embedding_layers))
+            tensors = self.method_of(name).to_file(self, name, tensors)  # the method's own file layout, if any
             os.makedirs(folder, exist_ok=True)
             # Weights first, config last: a folder whose config is present has weights that match it.
             adapter_files.write_weights(folder, tensors)
@@ -466,8 +539,11 @@ class PeftModel(nn.Module):
     def _load_tensors(self, adapter_name: str, found: dict[str, torch.Tensor], source: str) -> None:
         """Copy a file's tensors into adapter `adapter_name`; embedding-layer weights saved with it (PEFT's
         save_embedding_layers) go into the base embedding layers, as PEFT loads them. Everything is checked
-        before anything is copied."""
+        before anything is copied. The method's `load_targets` may add tensors its files carry beyond the adapter's
+        own, and its `after_load` runs once everything is in place."""
+        method = self.method_of(adapter_name)
         expected = self.adapter_tensors(adapter_name)
+        expected.update(method.load_targets(self, adapter_name, found) or {})
         base = self._embedding_layer_tensors()
         found = dict(found)
         embeddings = {k: found.pop(k) for k in list(found) if k in base and k not in expected}
@@ -475,6 +551,7 @@ class PeftModel(nn.Module):
         adapter_files.check_fits(embedding_targets, embeddings, source)  # load_into checks the adapter's own
         adapter_files.load_into(expected, found, source)
         adapter_files.load_into(embedding_targets, embeddings, source)
+        method.after_load(self, adapter_name)
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",

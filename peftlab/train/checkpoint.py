@@ -65,8 +65,9 @@ def list_checkpoints(root: str) -> list[str]:
 
 
 def load_checkpoint(folder: str, peft_model, adapter_name: str = "default") -> dict:
-    """Load adapter weights into `peft_model` and return the training state."""
+    """Load adapter weights into `peft_model` and return the training state. Through the model's own loader, so
+    that what a method keeps beside its adapter tensors (Delta-LoRA's updated base weights) comes back too."""
     sub = os.path.join(folder, "adapter")
     sub = sub if adapter_name == "default" else os.path.join(sub, adapter_name)
-    adapter_files.load_into(peft_model.adapter_tensors(adapter_name), adapter_files.read_weights(sub), sub)
+    peft_model._load_tensors(adapter_name, adapter_files.read_weights(sub), sub)
     return torch.load(os.path.join(folder, "state.pt"), weights_only=True)

@@ -92,6 +92,9 @@ class TrainConfig:
     seed: int = 0
     """Seed for initialisation, data order and dropout."""
 
+    group_by_length: bool = True
+    """Put rows of similar length in the same batch (less padding, same rows per epoch; order stays random)."""
+
     eval_batch_size: int = 16
     """Examples per batch in evaluation."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import transformers
 
@@ -23,6 +25,24 @@ def load_tokenizer_and_model(name_or_path: str, auto_model: str, label_names: li
         # (trained and saved with the adapter through modules_to_save).
         kwargs.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)),
                       label2id={name: i for i, name in enumerate(label_names)}, ignore_mismatched_sizes=True)
-    model = load_model(name_or_path, auto_class=getattr(transformers, auto_model), **kwargs)
+    if label_names:
+        # transformers reports the new head's weights as MISSING in a loud table; that is expected here (the
+        # head is created, trained and saved with the adapter), so say it in one line instead.
+        with _transformers_verbosity(transformers.logging.ERROR):
+            model = load_model(name_or_path, auto_class=getattr(transformers, auto_model), **kwargs)
+        print(f"peftlab: a new classification head for {len(label_names)} labels {label_names[:6]} is trained "
+              "and saved with the adapter (modules_to_save)")
+    else:
+        model = load_model(name_or_path, auto_class=getattr(transformers, auto_model), **kwargs)
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
+
+
+@contextlib.contextmanager
+def _transformers_verbosity(level: int):
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity(level)
+    try:
+        yield
+    finally:
+        transformers.logging.set_verbosity(before)

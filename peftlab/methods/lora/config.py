@@ -41,7 +41,10 @@ class LoraConfig(AdapterConfig):
 
     init_lora_weights: bool | str = True
     """Initialisation. True: A Kaiming-uniform, B zero (the adapter starts as identity); "gaussian": A
-    normal with std 1/r, B zero; False: A and B both random (not identity; for tests)."""
+    normal with std 1/r, B zero; False: A and B both random (not identity; for tests). "pissa" / "pissa_niter_<K>"
+    (PiSSA: A, B from W's top-r singular triplets, by full or K-iteration randomised SVD) and "olora" (OLoRA: from
+    W's QR) also replace the base weight by the residual W - s B A, so the output is unchanged at init but the
+    base weights are not: see peftlab/methods/lora/init.py for what that means for saving and loading."""
 
     rank_pattern: dict[str, int] = field(default_factory=dict)
     """Per-module rank overriding r: {name or regex matched at the end of the module name: rank}."""
@@ -56,13 +59,16 @@ class LoraConfig(AdapterConfig):
         check_number(name, "lora_alpha", self.lora_alpha)
         check_number(name, "lora_dropout", self.lora_dropout, low=0, high=1, high_inclusive=False)
         check_choice(name, "bias", self.bias, BIAS_MODES)
-        from .init import INITIALIZERS, init_key  # local: init imports layer code
+        from .init import INITIALIZERS, init_choices, parse_init  # local: keeps the config importable alone
 
         try:
-            key = init_key(self.init_lora_weights)
+            key, _ = parse_init(self.init_lora_weights)
         except TypeError:
-            key = self.init_lora_weights
-        check_choice(name, "init_lora_weights", key, list(INITIALIZERS))
+            key = None
+        if key not in INITIALIZERS:
+            shown = ", ".join(repr(c) for c in init_choices())
+            raise ConfigError(f"{name}.init_lora_weights={self.init_lora_weights!r} is not valid; use one of: {shown} "
+                              "(<number>: an integer, e.g. 'pissa_niter_4').")
         for module, rank in self.rank_pattern.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise ConfigError(f"{name}.rank_pattern[{module!r}]={rank!r} is not valid; ranks are integers >= 1.")

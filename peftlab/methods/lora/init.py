@@ -1,15 +1,52 @@
 """LoRA initialisers: a table from the config's `init_lora_weights` value to a function.
 
-Each function takes (layer, adapter_name) and fills that adapter's A and B in place. New schemes (PiSSA,
-OLoRA, ...) are new rows; a function may also rewrite the base weight (PiSSA's residual) through `layer`.
+Each function takes (layer, adapter_name) and fills that adapter's A and B in place. New schemes are new rows; a
+function may also rewrite the base weight through `layer` (PiSSA's and OLoRA's residual). A row whose config value
+carries a number (PEFT's "pissa_niter_[number of iters]") is listed in NUMBERED, and receives that number as a
+keyword argument.
 Shapes: Linear/Conv1D A (r, in), B (out, r); Embedding A (r, vocab), B (dim, r); Conv2d A (r, in, kh, kw),
-B (out, r, 1, 1).
+B (out, r, 1, 1). W below is the base weight as an (out, in) matrix (Conv1D's stored (in, out) is transposed on
+the way in and out), s the adapter's scaling (alpha / r, or alpha / sqrt(r) with rsLoRA).
+
+Rows that rewrite the base weight (both as in HF PEFT's `pissa_init` / `olora_init`, value for value):
+
+- "pissa" (PiSSA, Meng et al. 2024): W = U S V^T (full SVD, S descending). With the top r triplets,
+      A = sqrt(S_r / s) V_r^T          (r, in)
+      B = U_r sqrt(S_r / s)            (out, r)
+  so s B A = U_r S_r V_r^T, W's principal rank-r part, and the base weight becomes the residual
+      W_res = W - s B A = U_{r+} S_{r+} V_{r+}^T.
+  The model's output is unchanged at init (W_res + s B A = W up to one rounding), but training then moves the
+  principal directions instead of starting from zero.
+- "pissa_niter_K": the same with torch.svd_lowrank(W, q=r, niter=K) (randomised, K subspace iterations) instead of
+  the full SVD: much cheaper for large W, approximate top-r triplets, and random (it draws from torch's global
+  generator, so seed it to reproduce).
+- "olora" (OLoRA, Büyükakyüz 2024): W = Q R (reduced QR, Q (out, k) orthonormal columns, R (k, in) upper
+  triangular, k = min(out, in)); B = Q[:, :r], A = R[:r] (not rescaled by s), and the base weight becomes
+  W_res = W - s B A. (HF PEFT takes the QR of the stored weight, which for GPT-2's Conv1D is (in, out) and gives
+  A, B of the wrong shapes, so a forward pass fails; here the QR is of the (out, in) matrix, as for nn.Linear.)
+
+Both need r <= min(out, in) and a Linear-like layer (nn.Linear, Conv1D); on an Embedding or Conv2d they raise
+(PEFT silently falls back to the default init for embeddings and raises for convs).
+
+What rewriting the base weight means for files:
+- The adapter file holds A and B only, never W_res. Loading it (`PeftModel.from_pretrained`, as in PEFT) creates
+  the adapter with the config's init again, which turns the *original* base weight into W_res again and then
+  overwrites A and B with the file's: the trained model comes back exactly for "pissa" and "olora" (a deterministic
+  decomposition of the same W, up to the SVD/QR kernel's rounding on other hardware), but not for "pissa_niter_K",
+  whose W_res depends on the random state at load time. Save the residual base model itself (e.g.
+  `model.get_base_model().save_pretrained(...)` after `unload()`) to keep such an adapter usable.
+- `disable_adapter()` and `unload()` give the residual model W_res, not the original W.
+- PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` (which rewrites the adapter as a plain
+  rank-2r LoRA of W: A' = [A; A_0], B' = [B, -B_0], so that W + s' B' A' = W_res + s B A) is not implemented:
+  peftlab's `save_pretrained` does not take that argument.
 """
 
 from __future__ import annotations
 
 import math
+import re
 
+import torch
 from torch import nn
 
 
@@ -45,19 +82,122 @@ def _random(layer, name: str) -> None:
         nn.init.kaiming_uniform_(B, a=math.sqrt(5))
 
 
+def _linear_weight(layer, scheme: str) -> torch.Tensor:
+    """The base weight as an fp32 (out, in) matrix, after checking that `scheme` can decompose it."""
+    weight = layer.base_layer.weight
+    if layer.is_embedding or weight.ndim != 2:
+        raise ValueError(
+            f"init_lora_weights={scheme!r} decomposes a Linear-like weight, but this target is a "
+            f"{type(layer.base_layer).__name__} (weight shape {tuple(weight.shape)}). Leave it out of target_modules "
+            "(or exclude_modules), or use init_lora_weights=True for it in a separate adapter."
+        )
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"init_lora_weights={scheme!r} needs a float32/float16/bfloat16 base weight to decompose; this "
+            f"{type(layer.base_layer).__name__} holds {weight.dtype}. Initialise on an unquantised model, then "
+            "quantise the residual."
+        )
+    matrix = weight.detach().to(torch.float32)
+    return matrix.T if getattr(layer, "fan_in_fan_out", False) else matrix
+
+
+def _check_rank(layer, name: str, matrix: torch.Tensor, scheme: str) -> None:
+    r, (out_f, in_f) = layer.r[name], matrix.shape
+    if r > min(out_f, in_f):
+        raise ValueError(
+            f"init_lora_weights={scheme!r} takes r={r} directions from a ({out_f}, {in_f}) weight, which has at most "
+            f"{min(out_f, in_f)}. Lower r, or give this module a smaller rank with rank_pattern."
+        )
+
+
+def _write_residual(layer, residual: torch.Tensor) -> None:
+    """Replace the base weight by `residual` ((out, in), fp32), in the base's own layout and dtype."""
+    weight = layer.base_layer.weight
+    residual = residual.T if getattr(layer, "fan_in_fan_out", False) else residual
+    weight.data.copy_(residual.to(weight.dtype))
+
+
+def _pissa_from(layer, name: str, W: torch.Tensor, U_r: torch.Tensor, S_r: torch.Tensor,
+                Vh_r: torch.Tensor) -> None:
+    """A = sqrt(S_r/s) Vh_r, B = U_r sqrt(S_r/s), W <- W - (s B) A (PEFT's order of operations)."""
+    s = layer.scaling[name]
+    root = torch.sqrt(S_r / s)  # (r,)
+    A_new = root[:, None] * Vh_r  # (r, in)
+    B_new = U_r * root[None, :]  # (out, r)
+    A, B = layer.lora_pair(name)
+    A.copy_(A_new)
+    B.copy_(B_new)
+    _write_residual(layer, W - (s * B_new) @ A_new)
+
+
+def _pissa(layer, name: str) -> None:
+    """PiSSA with the full SVD: s B A = the top-r part of W, base weight <- the rest (module docstring)."""
+    W = _linear_weight(layer, "pissa")
+    _check_rank(layer, name, W, "pissa")
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)  # U (out, k), S (k,), Vh (k, in); k = min(out, in)
+    r = layer.r[name]
+    _pissa_from(layer, name, W, U[:, :r], S[:r], Vh[:r])
+
+
+def _pissa_fast(layer, name: str, niter: int) -> None:
+    """PiSSA with torch.svd_lowrank's randomised top-r SVD after `niter` subspace iterations."""
+    scheme = f"pissa_niter_{niter}"
+    W = _linear_weight(layer, scheme)
+    _check_rank(layer, name, W, scheme)
+    U_r, S_r, V_r = torch.svd_lowrank(W, q=layer.r[name], niter=niter)  # (out, r), (r,), (in, r)
+    _pissa_from(layer, name, W, U_r, S_r, V_r.T)
+
+
+def _olora(layer, name: str) -> None:
+    """OLoRA: B = Q[:, :r], A = R[:r] from W = Q R, base weight <- W - (s B) A (module docstring)."""
+    W = _linear_weight(layer, "olora")
+    _check_rank(layer, name, W, "olora")
+    Q, R = torch.linalg.qr(W)  # reduced: Q (out, k), R (k, in)
+    r, s = layer.r[name], layer.scaling[name]
+    B_new, A_new = Q[:, :r].contiguous(), R[:r].contiguous()
+    A, B = layer.lora_pair(name)
+    A.copy_(A_new)
+    B.copy_(B_new)
+    _write_residual(layer, W - (s * B_new) @ A_new)
+
+
 INITIALIZERS = {
     "default": _identity_start,
     "gaussian": _gaussian,
     "random": _random,
+    "pissa": _pissa,
+    "pissa_niter": _pissa_fast,  # written "pissa_niter_<K>" (see NUMBERED)
+    "olora": _olora,
 }
+
+# Rows whose config value ends in "_<integer>" (PEFT's "pissa_niter_[number of iters]"): row -> the keyword the
+# number is passed as.
+NUMBERED = {"pissa_niter": "niter"}
 
 
 def init_key(value: bool | str) -> str:
     """Map the config value (PEFT's: True, False or a name) to a row of INITIALIZERS."""
+    return parse_init(value)[0]
+
+
+def parse_init(value: bool | str) -> tuple[str, dict[str, int]]:
+    """(row of INITIALIZERS, keyword arguments for it) for a config value. The row may not exist: callers check
+    it against INITIALIZERS (LoraConfig does, with `init_choices()` in its message)."""
     if value is True:
-        return "default"
+        return "default", {}
     if value is False:
-        return "random"
+        return "random", {}
     if isinstance(value, str):
-        return value.lower()
+        key = value.lower()
+        numbered = re.fullmatch(r"(?P<row>.+)_(?P<number>\d+)", key)
+        if numbered and numbered["row"] in NUMBERED:
+            return numbered["row"], {NUMBERED[numbered["row"]]: int(numbered["number"])}
+        if key in NUMBERED:
+            return f"{key}_<number>", {}  # the number is missing: no such row, so the caller reports it
+        return key, {}
     raise TypeError(f"init_lora_weights must be True, False or a name, not {value!r}")
+
+
+def init_choices() -> list[bool | str]:
+    """The values `init_lora_weights` accepts, as users write them."""
+    return [True, False] + [f"{k}_<number>" if k in NUMBERED else k for k in INITIALIZERS]

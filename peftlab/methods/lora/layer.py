@@ -22,7 +22,7 @@ from torch import nn
 from ...core.layer import AdapterLayer
 from ...core.targets import Conv1D, pattern_value
 from .config import LoraConfig
-from .init import INITIALIZERS, init_key
+from .init import INITIALIZERS, parse_init
 
 
 def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
@@ -62,8 +62,9 @@ class LoraLayer(AdapterLayer):
         A, B = self._make_pair(r, _adapter_dtype(weight), weight.device)
         getattr(self, self.pair_names[0])[adapter_name] = A
         getattr(self, self.pair_names[1])[adapter_name] = B
+        key, options = parse_init(config.init_lora_weights)
         with torch.no_grad():
-            INITIALIZERS[init_key(config.init_lora_weights)](self, adapter_name)
+            INITIALIZERS[key](self, adapter_name, **options)
 
     def adapter_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
         a, b = self.pair_names
