@@ -8,13 +8,20 @@ from .core.config import AdapterConfig, ConfigError, TaskType
 from .core.method import Method, get_method, register, registered_methods
 from .core.model import PeftModel, get_peft_model
 from .io.adapter_files import AdapterFileError
+from .methods.adalora.config import AdaLoraConfig
+from .methods.delta_lora.config import DeltaLoraConfig
+from .methods.dora.config import DoraConfig
 from .methods.lora import LoraConfig
+from .methods.lora_fa.config import LoraFaConfig
+from .methods.lora_plus.config import LoraPlusConfig
+from .methods.vera.config import VeraConfig
 
 PeftConfig = AdapterConfig  # PEFT's name for the base config
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterConfig", "AdapterFileError", "ConfigError", "LoraConfig", "Method", "PeftConfig", "PeftModel",
+    "AdaLoraConfig", "AdapterConfig", "AdapterFileError", "ConfigError", "DeltaLoraConfig", "DoraConfig",
+    "LoraConfig", "LoraFaConfig", "LoraPlusConfig", "Method", "PeftConfig", "PeftModel", "VeraConfig",
     "TaskType", "get_method", "get_peft_model", "register", "registered_methods",
 ]

@@ -8,7 +8,8 @@ The invariants checked for every row:
 - only the adapter's trainable tensors (`trainable_tensors`: its parameters, less any the method keeps frozen,
   e.g. LoRA-FA's A) are trainable and receive gradients; its frozen tensors get none;
 - save -> load reproduces every adapter tensor exactly and the same output;
-- a few optimizer steps on one batch: loss falls, adapter weights move, base weights stay.
+- a few optimizer steps on one batch, run as the training loop runs them (the methods' extra_loss and on_step
+  hooks included): loss falls, adapter weights move, base weights stay (except where a row's flags say otherwise).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from peftlab.methods.lora_fa import LoraFaConfig
 from peftlab.methods.lora_plus import LoraPlusConfig
 from peftlab.methods.vera import VeraConfig
 from peftlab.methods.dora import DoraConfig
+from peftlab.methods.adalora import AdaLoraConfig
+from peftlab.methods.delta_lora import DeltaLoraConfig
 
 from .conftest import BUILDERS, model_inputs, output_of
 
@@ -57,8 +60,35 @@ CASES = [
     ("dora", "gpt2", lambda: DoraConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="lora_only"), True),
     ("dora", "bert", lambda: DoraConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
     ("dora", "t5", lambda: DoraConfig(r=4, task_type=TaskType.SEQ_2_SEQ_LM, target_modules=["q", "v", "wo"]), True),
+    # AdaLoRA: E starts at zero (identity). total_step=30 is the 30 steps of the training test below, whose on_step
+    # calls then run the whole budget schedule (warm-up, pruning, final pattern).
+    ("adalora", "llama", lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=30, tinit=5, tfinal=10,
+                                               task_type=TaskType.CAUSAL_LM), True),
+    ("adalora", "llama", lambda: AdaLoraConfig(init_r=4, target_r=1, total_step=30, tinit=2, tfinal=5, deltaT=3,
+                                               target_modules="all-linear", lora_dropout=0.1), True),
+    ("adalora", "gpt2", lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=30, task_type=TaskType.CAUSAL_LM,
+                                              bias="lora_only"), True),
+    ("adalora", "bert", lambda: AdaLoraConfig(init_r=4, total_step=30, target_r=2, task_type=TaskType.SEQ_CLS),
+     False),  # new head: not identity
+    ("adalora", "t5", lambda: AdaLoraConfig(init_r=4, target_r=2, total_step=30, task_type=TaskType.SEQ_2_SEQ_LM),
+     True),
+    # Delta-LoRA moves the adapted layers' base weights during training by design (W += lambda * change of s B A
+    # after update_start_step steps): `base_weights_train` makes the training test check that exactly those moved
+    # and everything else stayed.
+    ("delta_lora", "llama", lambda: DeltaLoraConfig(r=4, lora_alpha=8, update_start_step=5,
+                                                    task_type=TaskType.CAUSAL_LM), True, {"base_weights_train": True}),
+    ("delta_lora", "gpt2", lambda: DeltaLoraConfig(r=4, update_start_step=0, task_type=TaskType.CAUSAL_LM,
+                                                   bias="lora_only"), True, {"base_weights_train": True}),
+    ("delta_lora", "bert", lambda: DeltaLoraConfig(r=4, update_start_step=2, task_type=TaskType.SEQ_CLS), False,
+     {"base_weights_train": True}),  # new head: not identity
+    ("delta_lora", "t5", lambda: DeltaLoraConfig(r=4, update_start_step=3, delta_lambda=1.0,
+                                                 target_modules=["q", "v", "wo"], task_type=TaskType.SEQ_2_SEQ_LM),
+     True, {"base_weights_train": True}),
 ]
-IDS = [f"{m}-{a}-{i}" for i, (m, a, _, _) in enumerate(CASES)]
+# A row may carry a 5th element, a dict of per-case flags for a generic invariant that truly does not hold for that
+# case (each flag says why where its row is written). Flags: base_weights_train.
+IDS = [f"{m}-{a}-{i}" for i, (m, a, *_) in enumerate(CASES)]
+FLAGS = {id(row[2]): (row[4] if len(row) > 4 else {}) for row in CASES}  # keyed by the row's config factory
 
 
 def test_every_registered_method_has_a_conformance_case():
@@ -88,7 +118,7 @@ def _base_params(model):
     return {n: p for n, p in model.named_parameters() if id(p) not in owned}
 
 
-@pytest.mark.parametrize("method,arch,make_config,identity", CASES, ids=IDS)
+@pytest.mark.parametrize("method,arch,make_config,identity", [row[:4] for row in CASES], ids=IDS)
 class TestConformance:
     def test_identity_at_init(self, method, arch, make_config, identity):
         if not identity:
@@ -168,14 +198,21 @@ class TestConformance:
         adapter_before = {k: t.detach().clone() for k, t in model.adapter_tensors("default").items()}
         opt = torch.optim.AdamW(model.optimizer_param_groups(lr=5e-2))
         losses = []
-        for _ in range(30):
+        for step in range(1, 31):  # as peftlab's training loop runs a step: extra loss, then on_step before zero_grad
             loss = model(**x, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
+            extra = model.extra_loss()
+            (loss if extra is None else loss + extra).backward()
             opt.step()
+            model.on_step(step)
+            opt.zero_grad()
             losses.append(loss.item())
         assert losses[-1] < losses[0] * 0.9, losses
         moved = [k for k, t in model.adapter_tensors("default").items() if not torch.equal(t, adapter_before[k])]
         assert moved, "no adapter tensor moved"
+        trained_base = set()
+        if FLAGS[id(make_config)].get("base_weights_train"):
+            trained_base = {f"base_model.model.{path}.base_layer.weight" for path, _ in model._adapter_layers()}
+            assert trained_base and all(not torch.equal(model.get_parameter(n), base_before[n]) for n in trained_base)
         for n, p in _base_params(model).items():
-            assert torch.equal(p, base_before[n]), f"base weight {n} changed"
+            if n not in trained_base:
+                assert torch.equal(p, base_before[n]), f"base weight {n} changed"

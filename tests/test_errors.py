@@ -393,7 +393,7 @@ def edit_config(folder: pathlib.Path, **changes) -> None:
     (folder / CONFIG).write_text(json.dumps(data))
 
 
-@pytest.mark.parametrize("key", ["use_dora", "lora_bias"])
+@pytest.mark.parametrize("key", ["use_qalora", "lora_bias"])  # (use_dora=True now loads as DoRA)
 def test_peft_feature_we_lack_is_refused_naming_the_key(tmp_path, key):
     saved_adapter(tmp_path)
     edit_config(tmp_path, **{key: False})  # switched off, PEFT's default: accepted

@@ -326,6 +326,18 @@ def test_two_adapters_merged_in_turn_equal_both_active_and_unmerge_restores():
             torch.testing.assert_close(p, base_before[n], rtol=1e-6, atol=1e-6, msg=n)
 
 
+def test_safe_merge_refuses_nan_and_leaves_the_weight():
+    model = get_peft_model(tiny_llama(), DoraConfig(r=2, target_modules=["q_proj"]))
+    layer = _dora_layer(model, "model.layers.0.self_attn.q_proj")
+    before = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.magnitude("default")[3] = float("nan")
+    with pytest.raises(ValueError, match=r"Merging DoRA adapter 'default' would put NaN/inf into Linear's weight; "
+                                         r"the base weight was left unchanged"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before) and not layer.merged
+
+
 # ---- files ----------------------------------------------------------------------------------------------------
 
 

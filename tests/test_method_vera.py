@@ -32,6 +32,7 @@ from .conftest import BUILDERS, model_inputs, output_of
 # Same fp32 ops in the same order in both libraries: the logits agree to float rounding (measured: exactly).
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
+WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +168,7 @@ def test_files_cross_both_ways_with_the_same_logits(variant, tmp_path):
     torch.testing.assert_close(output_of(back, x), expected, **TIGHT)
 
     # Same tensor names and shapes in both files: base_model.vera_A/B only when save_projection is set.
-    shapes = {side: {k: tuple(v.shape) for k, v in load_file(str(tmp_path / side / "adapter_model.safetensors")).items()}
+    shapes = {side: {k: tuple(v.shape) for k, v in load_file(str(tmp_path / side / WEIGHTS)).items()}
               for side in ("ours", "peft")}
     assert shapes["ours"] == shapes["peft"]
     assert ("base_model.vera_A" in shapes["ours"]) == cfg.get("save_projection", True)
@@ -256,10 +257,10 @@ def test_config_errors_name_the_field_and_the_valid_values(kwargs, message):
 def test_file_without_projections_is_refused_when_the_config_says_they_are_saved(tmp_path):
     model = ours(r=4)
     model.save_pretrained(tmp_path)
-    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors = load_file(str(tmp_path / WEIGHTS))
     del tensors["base_model.vera_A"], tensors["base_model.vera_B"]
     from safetensors.torch import save_file
-    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    save_file(tensors, str(tmp_path / WEIGHTS))
     with pytest.raises(peftlab.AdapterFileError, match=r"not in the file: base_model.vera_A, base_model.vera_B"):
         peftlab.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["save_projection"] is True

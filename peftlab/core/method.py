@@ -185,7 +185,9 @@ def method_for_config(config: AdapterConfig) -> Method:
 
 def method_for_peft_type(peft_type: str, config_dict: dict[str, Any] | None = None) -> Method:
     """The method whose config writes `peft_type`. Several methods may share one tag (PEFT writes DoRA as
-    LORA with use_dora=true); a config class may then claim a file with `claims_file(config_dict)`."""
+    LORA with use_dora=true); a config class may then claim a file with `claims_file(config_dict)`. A file no
+    config claims goes to the most general candidate, the one whose config class every other candidate's
+    subclasses (LoraConfig for "LORA": LoRA-FA and LoRA+ files are plain LoRA files), whatever the import order."""
     candidates = [m for m in registered_methods() if m.config_cls.peft_type == peft_type]
     if not candidates:
         known = sorted({m.config_cls.peft_type for m in registered_methods()})
@@ -197,5 +199,6 @@ def method_for_peft_type(peft_type: str, config_dict: dict[str, Any] | None = No
         claims = getattr(m.config_cls, "claims_file", None)
         if claims is not None and config_dict is not None and claims(config_dict):
             return m
-    return candidates[0]
+    general = [m for m in candidates if all(issubclass(o.config_cls, m.config_cls) for o in candidates)]
+    return (general or candidates)[0]
 

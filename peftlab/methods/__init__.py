@@ -2,6 +2,7 @@
 
 from . import lora  # noqa: F401
 from . import adalora  # noqa: F401
+from . import delta_lora  # noqa: F401
 from . import vera  # noqa: F401
 from . import lora_fa  # noqa: F401
 from . import lora_plus  # noqa: F401

@@ -13,6 +13,8 @@ See layer.py (forward and merge) and allocator.py (importance, budget, regularis
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -21,7 +23,7 @@ from ...core.targets import ATTENTION_QV_TARGETS, Conv1D
 from ...io.adapter_files import KEY_PREFIX, AdapterFileError
 from .allocator import adapter_layers, orthogonal_regularizer, update_and_allocate
 from .config import AdaLoraConfig
-from .layer import TRIPLET, SVDLinear, kept_triplets
+from .layer import TRIPLET, SVDConv2d, SVDLinear, kept_triplets
 
 # PEFT's AdaLoRA defaults (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING): LoRA's query/value pairs, except
 # these architectures, where PEFT adapts every projection of the block.
@@ -84,16 +86,26 @@ def _check_pruned_file(model, adapter_name: str, found: dict) -> None:
     return None
 
 
+def _warn_fresh_importance(model, adapter_name: str) -> None:
+    """`after_load`: a loaded adapter that will train starts its importance averages from zero."""
+    if not model.peft_config[adapter_name].inference_mode:
+        warnings.warn(
+            "AdaLoRA's importance averages (sensitivity and uncertainty EMAs) are not part of adapter files, so "
+            "training this loaded adapter on starts them from zero: its rank allocation differs from an "
+            "uninterrupted run's. Load with is_trainable=False for inference.", stacklevel=3)
+
+
 METHOD = register(Method(
     name="adalora",
     config_cls=AdaLoraConfig,
-    layers=((nn.Linear, SVDLinear), (Conv1D, SVDLinear)),
+    layers=((nn.Linear, SVDLinear), (Conv1D, SVDLinear), (nn.Conv2d, SVDConv2d)),
     summary="LoRA in SVD form P diag(E) Q with the rank budget allocated by importance during training (AdaLoRA)",
     default_targets=ADALORA_TARGETS,
     on_step=update_and_allocate,
     extra_loss=orthogonal_regularizer,
     to_file=_keep_only_kept_triplets,
     load_targets=_check_pruned_file,
+    after_load=_warn_fresh_importance,
 ))
 
-__all__ = ["AdaLoraConfig", "SVDLinear", "METHOD"]
+__all__ = ["AdaLoraConfig", "SVDLinear", "SVDConv2d", "METHOD"]

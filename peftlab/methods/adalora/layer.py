@@ -16,11 +16,16 @@ adds nothing.
 
 The computation follows PEFT's SVDLinear op for op ((x @ (Q * E)^T) @ P^T, then * c, then / (ranknum + 1e-5)),
 so outputs match PEFT's bit for bit on the same weights and hardware.
+
+On nn.Conv2d (PEFT's SVDConv2d; weight (out, in, kh, kw), groups=1): Q is (r, in * kh * kw), P (out, r), and
+delta_W = (P (Q * E) * c / (ranknum + 1e-5)).reshape(out, in, kh, kw) is applied as a convolution with the base's
+stride, padding and dilation.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ...core.layer import AdapterLayer
@@ -129,5 +134,43 @@ class SVDLinear(AdapterLayer):
             A, B, E = self.lora_A[name], self.lora_B[name], self.lora_E[name]
             h = self.lora_dropout[name](x.to(A.dtype))
             update = (h @ (A * E).T @ B.T) * self.scaling[name] / (self.ranknum[name] + 1e-5)
+            result = result + update.to(result.dtype)
+        return result
+
+
+class SVDConv2d(SVDLinear):
+    """AdaLoRA on nn.Conv2d (groups=1): the kernel's update is P (Q * E) reshaped to the base weight's shape."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(
+                f"AdaLoRA on Conv2d supports groups=1 only; this layer has groups={base_layer.groups}. Leave it out "
+                "with exclude_modules, or target the pointwise convs instead."
+            )
+        AdapterLayer.__init__(self, base_layer)
+        self.fan_in_fan_out = False
+        out_c, in_c, kh, kw = base_layer.weight.shape
+        self.in_features, self.out_features = in_c * kh * kw, out_c  # Q is (r, in * kh * kw), as in PEFT
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_E = nn.ParameterDict()
+        self.ranknum = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r, self.lora_alpha, self.scaling = {}, {}, {}
+        self.importance = {}
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        A, B, E = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
+        delta = B @ (A * E) * self.scaling[adapter_name] / (self.ranknum[adapter_name] + 1e-5)
+        return delta.reshape(self.base_layer.weight.shape)  # (out, in, kh, kw)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        for name in self.live_adapters():
+            A = self.lora_A[name]
+            h = self.lora_dropout[name](x.to(A.dtype))
+            update = F.conv2d(h, self.delta_weight(name), stride=base.stride, padding=base.padding,
+                              dilation=base.dilation, groups=base.groups)
             result = result + update.to(result.dtype)
         return result

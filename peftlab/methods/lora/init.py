@@ -33,12 +33,16 @@ What rewriting the base weight means for files:
   the adapter with the config's init again, which turns the *original* base weight into W_res again and then
   overwrites A and B with the file's: the trained model comes back exactly for "pissa" and "olora" (a deterministic
   decomposition of the same W, up to the SVD/QR kernel's rounding on other hardware), but not for "pissa_niter_K",
-  whose W_res depends on the random state at load time. Save the residual base model itself (e.g.
-  `model.get_base_model().save_pretrained(...)` after `unload()`) to keep such an adapter usable.
+  whose W_res depends on the random state at load time. To keep such an adapter usable, save the residual base
+  too (`model.save_pretrained(adapter_dir)`, then `model.unload().save_pretrained(residual_dir)`) and load the
+  adapter onto that base with the init switched off, or the residual would be decomposed a second time:
+  `PeftModel.from_pretrained(residual, adapter_dir, config=dataclasses.replace(read_config(adapter_dir),
+  init_lora_weights=True))` (read_config from peftlab.core.model).
 - `disable_adapter()` and `unload()` give the residual model W_res, not the original W.
 - PEFT's `save_pretrained(path_initial_model_for_weight_conversion=...)` (which rewrites the adapter as a plain
-  rank-2r LoRA of W: A' = [A; A_0], B' = [B, -B_0], so that W + s' B' A' = W_res + s B A) is not implemented:
-  peftlab's `save_pretrained` does not take that argument.
+  rank-2r LoRA of the original W: A' = [A; A_0], B' = [B, -B_0] with twice the alpha, so that
+  W + s B' A' = W_res + s B A) is not implemented. peftlab's `save_pretrained` ignores unknown keywords, so
+  passing that argument writes the PiSSA/OLoRA adapter unconverted.
 """
 
 from __future__ import annotations
