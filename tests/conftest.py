@@ -89,3 +89,53 @@ def save_tiny(folder, kind: str = "llama", seed: int = 0) -> str:
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+def sentences(n: int, seed: int = 0) -> list[str]:
+    """n short random sentences over WORDS (4-9 words), reproducible by seed."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
+
+
+def write_jsonl(path, rows) -> str:
+    import json
+
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def run_config(model_dir, task, train_file, out, method=None, **train_opts):
+    """A `peftlab train` run config for a tiny model: 12 steps of batch 4, fp32, no progress bar."""
+    from peftlab.train import build_run_config
+
+    return build_run_config({
+        "model": model_dir, "task": task,
+        "method": method or {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train_file": train_file, "eval_fraction": 0.25, "max_length": 32},
+        "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 4, "max_steps": 12, "log_every": 1,
+                  "progress": False, "tensorboard": False, "precision": "fp32", **train_opts},
+    })
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny Llama + tokenizer saved as an HF folder (what `model:` points at in run configs)."""
+    return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+
+
+class TinyConv(torch.nn.Module):
+    """A non-transformers model with an nn.Conv2d (kernel 3, padding 1, bias) and a linear head; it has no
+    config, so target_modules must be explicit."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.conv(x).mean(dim=(2, 3)))

@@ -17,7 +17,9 @@ from peftlab.cli.main import main
 from peftlab.train import train
 
 from .conftest import save_tiny
-from .test_train import _run, _sentences, _write_jsonl
+from .conftest import run_config as _run
+from .conftest import sentences as _sentences
+from .conftest import write_jsonl as _write_jsonl
 
 
 @pytest.fixture(scope="module")

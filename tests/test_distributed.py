@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from .conftest import save_tiny
-from .test_train import _sentences
+from .conftest import sentences as _sentences
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import peft as hf
@@ -27,9 +26,9 @@ import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.methods.adalora import AdaLoraConfig
 from peftlab.methods.adalora.allocator import adapter_layers, budget_schedule, triplet_scores, update_importance
-from peftlab.train import Trainer, build_run_config
+from peftlab.train import Trainer
 
-from .conftest import WORDS, model_inputs, output_of, save_tiny, tiny_gpt2, tiny_llama
+from .conftest import model_inputs, output_of, run_config, sentences, tiny_gpt2, tiny_llama
 
 # Same fp32 ops in the same order as PEFT: equal up to summation order inside matmuls (in practice bit-equal here).
 TIGHT = dict(rtol=1e-5, atol=1e-6)
@@ -212,24 +211,9 @@ def test_training_via_hooks_follows_peft_update_and_allocate(tmp_path):
 
 # ---- `peftlab train` ---------------------------------------------------------------------------------------
 
-def _sentences(n, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
-
 
 def _run(model_dir, train_file, out, method, **train_opts):
-    """A `peftlab train` run config (tests/test_train.py's pattern)."""
-    return build_run_config({
-        "model": model_dir, "task": "causal_lm", "method": method,
-        "data": {"train_file": train_file, "eval_fraction": 0.25, "max_length": 32},
-        "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 4, "max_steps": 12, "log_every": 1,
-                  "progress": False, "tensorboard": False, "precision": "fp32", **train_opts},
-    })
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+    return run_config(model_dir, "causal_lm", train_file, out, method, **train_opts)
 
 
 def _load_base(model_dir):
@@ -238,7 +222,7 @@ def _load_base(model_dir):
 
 def test_peftlab_train_prunes_to_the_budget_and_the_file_loads_in_peft_and_back(llama_dir, tmp_path):
     txt = tmp_path / "corpus.txt"
-    txt.write_text("\n\n".join(_sentences(40)))
+    txt.write_text("\n\n".join(sentences(40)))
     out = tmp_path / "run"
     method = {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 2, "tfinal": 3, "total_step": 12,
               "target_modules": ["q_proj", "v_proj"]}

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import random
 import warnings
 
 import peft as hf
@@ -24,9 +23,9 @@ from safetensors.torch import load_file, save_file
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.methods.delta_lora import DeltaLoraConfig, DeltaLoraLinear
-from peftlab.train import Trainer, build_run_config, train
+from peftlab.train import Trainer, train
 
-from .conftest import WORDS, model_inputs, output_of, save_tiny, tiny_gpt2, tiny_llama
+from .conftest import model_inputs, output_of, run_config, sentences, tiny_gpt2, tiny_llama
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -143,26 +142,11 @@ def test_loaded_adapter_trains_on_from_the_loaded_a_and_b(tmp_path):
 
 # ---- `peftlab train` ---------------------------------------------------------------------------------------
 
-def _sentences(n, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
-
 
 def _run(model_dir, train_file, out, **train_opts):
-    """A `peftlab train` run config (tests/test_train.py's pattern)."""
     method = {"name": "delta_lora", "r": 4, "lora_alpha": 8, "update_start_step": 4, "delta_lambda": 0.5,
               "target_modules": ["q_proj", "v_proj"]}
-    return build_run_config({
-        "model": model_dir, "task": "causal_lm", "method": method,
-        "data": {"train_file": train_file, "eval_fraction": 0.25, "max_length": 32},
-        "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 4, "max_steps": 10, "log_every": 1,
-                  "progress": False, "tensorboard": False, "precision": "fp32", **train_opts},
-    })
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
+    return run_config(model_dir, "causal_lm", train_file, out, method, **{"max_steps": 10, **train_opts})
 
 
 def _load_base(model_dir):
@@ -171,7 +155,7 @@ def _load_base(model_dir):
 
 def test_peftlab_train_moves_the_base_and_the_adapter_reproduces_the_run(llama_dir, tmp_path):
     txt = tmp_path / "corpus.txt"
-    txt.write_text("\n\n".join(_sentences(40)))
+    txt.write_text("\n\n".join(sentences(40)))
     out = tmp_path / "run"
     trainer = Trainer(_run(llama_dir, str(txt), out), log=lambda *_: None)
     trainer.fit()
@@ -189,7 +173,7 @@ def test_peftlab_train_moves_the_base_and_the_adapter_reproduces_the_run(llama_d
 
 def test_resume_reaches_the_same_files_as_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     txt = tmp_path / "corpus.txt"
-    txt.write_text("\n\n".join(_sentences(40)))
+    txt.write_text("\n\n".join(sentences(40)))
     straight = tmp_path / "straight"
     train(_run(llama_dir, str(txt), straight, save_every=3), log=lambda *_: None)
     broken = tmp_path / "broken"

@@ -28,7 +28,7 @@ from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.core.config import ConfigError
 from peftlab.methods.dora import DoraConfig, DoraConv2d, DoraEmbedding, DoraLinear
 
-from .conftest import BUILDERS, model_inputs, tiny_gpt2, tiny_llama
+from .conftest import BUILDERS, TinyConv, model_inputs, tiny_gpt2, tiny_llama
 
 # Same fp32 ops on both sides; only summation order inside matmuls/norms may differ.
 TIGHT = dict(rtol=1e-5, atol=1e-6)
@@ -40,19 +40,6 @@ def _quiet():
     with warnings.catch_warnings():  # PEFT warns about Conv1D fan_in_fan_out and saved embedding layers
         warnings.simplefilter("ignore")
         yield
-
-
-class TinyConv(nn.Module):
-    """An nn.Conv2d model (kernel 3, padding 1, with bias) and a linear head."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean(dim=(2, 3)))
 
 
 def build(kind: str) -> nn.Module:

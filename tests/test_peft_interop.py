@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
-from .conftest import BUILDERS, model_inputs
+from .conftest import BUILDERS, TinyConv, model_inputs
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 WEIGHTS = "adapter_model.safetensors"
@@ -37,19 +37,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-class TinyConv(nn.Module):
-    """A non-transformers model with an nn.Conv2d (no config, so target_modules must be explicit)."""
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.head(self.conv(x).mean(dim=(2, 3)))
 
 
 def conv_input() -> torch.Tensor:

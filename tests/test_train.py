@@ -7,7 +7,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -15,40 +14,15 @@ import yaml
 from safetensors.torch import load_file
 
 from peftlab.core.config import ConfigError
-from peftlab.train import Trainer, build_run_config, load_run_config, train
+from peftlab.train import Trainer, load_run_config, train
 from peftlab.train.loop import lr_lambda, param_groups_with_decay
 
-from .conftest import WORDS, save_tiny
+from .conftest import run_config as _run
+from .conftest import save_tiny
+from .conftest import sentences as _sentences
+from .conftest import write_jsonl as _write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _write_jsonl(path, rows):
-    with open(path, "w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    return str(path)
-
-
-def _sentences(n, seed=0):
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9))) for _ in range(n)]
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("llama"), "llama")
-
-
-def _run(model_dir, task, train_file, out, method=None, **train_opts):
-    raw = {
-        "model": model_dir, "task": task,
-        "method": method or {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"train_file": train_file, "eval_fraction": 0.25, "max_length": 32},
-        "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 4, "max_steps": 12, "log_every": 1,
-                  "progress": False, "tensorboard": False, "precision": "fp32", **train_opts},
-    }
-    return build_run_config(raw)
 
 
 def _adapter(out):

@@ -31,6 +31,16 @@ import torch
 from torch import nn
 
 
+def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, fan_in_fan_out) of a linear-like layer: nn.Linear stores its weight as
+    (out, in); transformers' Conv1D (GPT-2) stores it transposed, (in, out)."""
+    from .targets import Conv1D
+
+    fan_in_fan_out = isinstance(base_layer, Conv1D)
+    out_f, in_f = base_layer.weight.shape
+    return (out_f, in_f, True) if fan_in_fan_out else (in_f, out_f, False)
+
+
 class AdapterLayer(nn.Module):
     """Base class of every adapter-carrying wrapper. See the module docstring for the contract."""
 

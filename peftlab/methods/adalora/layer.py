@@ -28,8 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.layer import AdapterLayer
-from ...core.targets import Conv1D
+from ...core.layer import AdapterLayer, linear_shape
 from .config import AdaLoraConfig
 
 TRIPLET = ("lora_A", "lora_B", "lora_E")  # the trained tensors of one adapter, PEFT's names
@@ -66,11 +65,7 @@ class SVDLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        out_f, in_f = base_layer.weight.shape
-        if self.fan_in_fan_out:
-            in_f, out_f = out_f, in_f
-        self.in_features, self.out_features = in_f, out_f
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.layer import AdapterLayer
-from ...core.targets import Conv1D, pattern_value
+from ...core.layer import AdapterLayer, linear_shape
+from ...core.targets import pattern_value
 from .config import LoraConfig
 from .init import INITIALIZERS, parse_init
 
@@ -88,11 +88,7 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        out_f, in_f = base_layer.weight.shape
-        if self.fan_in_fan_out:
-            in_f, out_f = out_f, in_f
-        self.in_features, self.out_features = in_f, out_f
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 

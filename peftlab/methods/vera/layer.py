@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...core.layer import AdapterLayer
-from ...core.targets import Conv1D
+from ...core.layer import AdapterLayer, linear_shape
 from .config import VeraConfig
 
 
@@ -69,11 +68,7 @@ class VeraLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
-        out_f, in_f = base_layer.weight.shape
-        if self.fan_in_fan_out:
-            in_f, out_f = out_f, in_f
-        self.in_features, self.out_features = in_f, out_f
+        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
         self.vera_lambda_b = nn.ParameterDict()
         self.vera_lambda_d = nn.ParameterDict()
         self.vera_dropout = nn.ModuleDict()
