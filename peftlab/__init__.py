@@ -12,8 +12,10 @@ from .methods.adalora.config import AdaLoraConfig
 from .methods.delta_lora.config import DeltaLoraConfig
 from .methods.dora.config import DoraConfig
 from .methods.lora import LoraConfig
+from .methods.lora_drop.config import LoraDropConfig
 from .methods.lora_fa.config import LoraFaConfig
 from .methods.lora_plus.config import LoraPlusConfig
+from .methods.qlora.config import QLoraConfig
 from .methods.vera.config import VeraConfig
 
 PeftConfig = AdapterConfig  # PEFT's name for the base config
@@ -22,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaLoraConfig", "AdapterConfig", "AdapterFileError", "ConfigError", "DeltaLoraConfig", "DoraConfig",
-    "LoraConfig", "LoraFaConfig", "LoraPlusConfig", "Method", "PeftConfig", "PeftModel", "VeraConfig",
-    "TaskType", "get_method", "get_peft_model", "register", "registered_methods",
+    "LoraConfig", "LoraDropConfig", "LoraFaConfig", "LoraPlusConfig", "Method", "PeftConfig", "PeftModel",
+    "QLoraConfig", "VeraConfig", "TaskType", "get_method", "get_peft_model", "register", "registered_methods",
 ]

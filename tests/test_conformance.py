@@ -27,6 +27,8 @@ from peftlab.methods.vera import VeraConfig
 from peftlab.methods.dora import DoraConfig
 from peftlab.methods.adalora import AdaLoraConfig
 from peftlab.methods.delta_lora import DeltaLoraConfig
+from peftlab.methods.qlora import QLoraConfig
+from peftlab.methods.lora_drop import LoraDropConfig
 
 from .conftest import BUILDERS, model_inputs, output_of
 
@@ -84,9 +86,31 @@ CASES = [
     ("delta_lora", "t5", lambda: DeltaLoraConfig(r=4, update_start_step=3, delta_lambda=1.0,
                                                  target_modules=["q", "v", "wo"], task_type=TaskType.SEQ_2_SEQ_LM),
      True, {"base_weights_train": True}),
+    # LoRA-drop is plain LoRA until its `prepare` hook (phase 1 + sharing) runs in `peftlab train`, so every generic
+    # check applies as it is; sharing is checked in tests/test_method_lora_drop.py.
+    ("lora_drop", "llama", lambda: LoraDropConfig(r=4, lora_alpha=8, task_type=TaskType.CAUSAL_LM), True),
+    ("lora_drop", "gpt2", lambda: LoraDropConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="lora_only",
+                                                 lora_dropout=0.1), True),
+    ("lora_drop", "bert", lambda: LoraDropConfig(r=4, task_type=TaskType.SEQ_CLS), False),  # new head: not identity
+    # QLoRA replaces the targeted base weights by 4-bit NF4 approximations when the adapter is added: the base it
+    # computes on (identity at init, disable_adapter, unload) is the dequantised one, not the fp32 model, and its
+    # files (plain LoRA files) reproduce it exactly on that base. `quantised_base` makes the reference model a copy of
+    # the freshly wrapped model with its adapters unloaded (= the dequantised base), and the save/load test load onto
+    # copies of it. Every other check runs unchanged (unmerge restores the 4-bit base exactly).
+    ("qlora", "llama", lambda: QLoraConfig(r=4, lora_alpha=8, task_type=TaskType.CAUSAL_LM), True,
+     {"quantised_base": True}),
+    ("qlora", "llama", lambda: QLoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, use_rslora=True,
+                                           bnb_4bit_use_double_quant=False, bnb_4bit_blocksize=32, backend="torch"),
+     True, {"quantised_base": True}),
+    ("qlora", "gpt2", lambda: QLoraConfig(r=4, task_type=TaskType.CAUSAL_LM, bias="lora_only"), True,
+     {"quantised_base": True}),
+    ("qlora", "bert", lambda: QLoraConfig(r=4, task_type=TaskType.SEQ_CLS), False,
+     {"quantised_base": True}),  # new head: not identity
+    ("qlora", "t5", lambda: QLoraConfig(r=4, task_type=TaskType.SEQ_2_SEQ_LM, layers_to_transform=[1]), True,
+     {"quantised_base": True}),
 ]
 # A row may carry a 5th element, a dict of per-case flags for a generic invariant that truly does not hold for that
-# case (each flag says why where its row is written). Flags: base_weights_train.
+# case (each flag says why where its row is written). Flags: base_weights_train, quantised_base.
 IDS = [f"{m}-{a}-{i}" for i, (m, a, *_) in enumerate(CASES)]
 FLAGS = {id(row[2]): (row[4] if len(row) > 4 else {}) for row in CASES}  # keyed by the row's config factory
 
@@ -101,6 +125,8 @@ def _build(arch, make_config):
     base = BUILDERS[arch]()
     reference = copy.deepcopy(base)
     model = get_peft_model(base, make_config())
+    if FLAGS[id(make_config)].get("quantised_base"):
+        reference = copy.deepcopy(model).unload()  # the base as the method holds it (see the qlora rows)
     return model, reference
 
 
@@ -175,18 +201,22 @@ class TestConformance:
         assert with_grad <= owned and with_grad, "gradients must reach trainable adapter tensors and nothing else"
 
     def test_save_load_exact(self, method, arch, make_config, identity, tmp_path):
-        model, _ = _build(arch, make_config)
+        model, reference = _build(arch, make_config)
         _perturb(model)
         x = model_inputs(arch)
         model.save_pretrained(tmp_path)
-        loaded = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path)
+        if FLAGS[id(make_config)].get("quantised_base"):
+            fresh_base = lambda: copy.deepcopy(reference)  # noqa: E731
+        else:
+            fresh_base = BUILDERS[arch]
+        loaded = PeftModel.from_pretrained(fresh_base(), tmp_path)
         saved, back = model.adapter_tensors("default"), loaded.adapter_tensors("default")
         assert saved.keys() == back.keys()
         for k in saved:
             assert torch.equal(saved[k], back[k]), k
         torch.testing.assert_close(output_of(loaded, x), output_of(model, x), rtol=0, atol=0)
         assert not any(p.requires_grad for p in loaded.parameters()), "loaded for inference: frozen"
-        trainable = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path, is_trainable=True)
+        trainable = PeftModel.from_pretrained(fresh_base(), tmp_path, is_trainable=True)
         assert any(p.requires_grad for p in trainable.parameters())
 
     def test_trains_adapter_moves_base_stays(self, method, arch, make_config, identity):

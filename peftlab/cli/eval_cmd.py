@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     adapter = args.adapter or os.path.join(run_config.train.output_dir, "adapter")
     if os.path.isdir(args.run) and not args.adapter:
         adapter = os.path.join(args.run, "adapter")
-    trainer = Trainer(run_config, log=lambda *_: None)
+    trainer = Trainer(run_config, log=lambda *_: None, prepare=False)  # the file holds the prepared adapter
     trainer.peft_model._load_tensors("default", adapter_files.read_weights(adapter), adapter)
     metrics = {"adapter": trainer.evaluate()}
     if args.base:

@@ -14,6 +14,8 @@ What a subclass provides:
 - `trainable_tensors(name)` (optional): the part of `adapter_tensors` that trains. Default: every nn.Parameter
   in it. A method whose adapter holds parameters that are saved but never trained returns fewer (LoRA-FA keeps
   A frozen at its random init); core then leaves those at requires_grad=False.
+- `unwrapped()` (optional): the plain module put back when the wrapper leaves the model. Default: `base_layer`; a
+  layer that replaced its base by a stand-in rebuilds a plain one (QLoRA: nn.Linear with the dequantised weight).
 
 Model-level tensors a method declares with `Method.shared_tensors` (VeRA's projections, one pair for all layers)
 are not owned by any layer: core keeps them on the wrapped model and gives every layer of the adapter a reference,
@@ -118,6 +120,13 @@ class AdapterLayer(nn.Module):
 
     def base_weight(self) -> nn.Parameter:
         return self.base_layer.weight
+
+    def unwrapped(self) -> nn.Module:
+        """The plain module that takes this wrapper's place when it leaves the model (`unload`, `merge_and_unload`,
+        deleting its last adapter). Default: the base layer itself. A layer whose base is a stand-in that plain
+        models do not hold returns a plain module rebuilt from it (QLoRA's 4-bit base comes back as an nn.Linear with
+        the dequantised weight)."""
+        return self.base_layer
 
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         """Add each adapter's `delta_weight` into the base weight (fp32 arithmetic, cast back)."""

@@ -17,6 +17,7 @@ A `Method` says:
   (VeRA's shared random projections), kept and saved by core.
 - `to_file` / `load_targets` / `after_load` (optional): what a method's files hold beyond `adapter_tensors`
   (AdaLoRA's pruned triplets, Delta-LoRA's updated base weights) and what loading does after the copy.
+- `prepare` (optional): a phase the training loop runs before the main training (LoRA-drop's layer selection).
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ def _no_load_targets(model: "PeftModel", adapter_name: str, found: dict[str, Any
 
 
 def _no_after_load(model: "PeftModel", adapter_name: str) -> None:
+    return None
+
+
+def _no_prepare(model: "PeftModel", adapter_name: str, run: Any) -> None:
     return None
 
 
@@ -127,6 +132,21 @@ class Method:
     after_load: Callable[..., None] = _no_after_load
     """(model, adapter_name) -> None, called once a file's tensors are copied into the adapter: e.g. Delta-LoRA
     takes the loaded A and B as the previous step's, so that training on continues its base update exactly."""
+
+    prepare: Callable[..., str | None] = _no_prepare
+    """(model, adapter_name, run) -> Markdown text or None: a phase before the main training, e.g. LoRA-drop's short
+    LoRA run on a sample of the rows that decides which layers keep their own adapter. The training loop calls it
+    once per active adapter, after injection and before it builds the optimizer, so the hook may change which
+    tensors train (tie layers to one shared pair, freeze some) and the main optimizer sees the result. `run`
+    (peftlab.train.prepare.PrepareRun) gives the hook the run's rows and recipe: `sample_rows(n)` (indices of n
+    training rows, stratified by label for classification), `train(steps, rows)` (optimizer steps taken as the main
+    loop takes them, with the run's lr, schedule, clipping, precision and processes, on those rows; its optimizer is
+    thrown away afterwards), `batches(rows)` (collated batches on the device, e.g. for scoring), `log(text)`,
+    `write_json(name, data)` (into the run's output_dir, main process only), and `train_rows`, `global_batch`,
+    `seed`, `output_dir`. The returned text goes into the final adapter's model card (README.md). `--resume` calls
+    the hook again before the checkpoint is loaded, so it must rebuild the same structure for the same seed (the
+    loop seeds everything before it). Code that trains without `peftlab train` calls the method's own Python API
+    instead (e.g. peftlab.methods.lora_drop.select_layers / share_layers)."""
 
     def wrapper_for(self, module: nn.Module) -> type["AdapterLayer"] | None:
         for match, wrapper in self.layers:

@@ -153,6 +153,10 @@ class PeftModel(nn.Module):
                                                                        if isinstance(m, ModulesToSaveWrapper))
             spec = resolve_target_spec(config, model, method.default_targets, method.name)
             chosen = select_targets(model, config, spec, skip)
+            # Every target is checked before any is wrapped: wrapping may change a base layer in a way removing the
+            # adapter cannot undo (QLoRA quantises it), so a bad target found half way must not leave that behind.
+            for name in chosen:
+                self._check_injectable(model, name, method)
             for name in chosen:
                 self._inject_one(model, name, adapter_name, config, method)
             if method.shared_tensors is not None:
@@ -232,7 +236,8 @@ class PeftModel(nn.Module):
                     _set_submodule(model, name, module)
                 module.add_adapter(adapter_name)
 
-    def _inject_one(self, model, name, adapter_name, config, method) -> None:
+    def _check_injectable(self, model, name, method) -> None:
+        """Raise a ConfigError if `method` cannot put an adapter on module `name`; changes nothing."""
         module = model.get_submodule(name)
         if isinstance(module, AdapterLayer):
             if method.wrapper_for(module.base_layer) is not type(module):
@@ -240,16 +245,20 @@ class PeftModel(nn.Module):
                     f"{name!r} already carries a {type(module).__name__} adapter; peftlab does not stack "
                     f"adapters of different methods on one module. Exclude it with exclude_modules=[{name!r}]."
                 )
-            module.add_adapter(adapter_name, config, name)
-            module.train(module.base_layer.training)  # new submodules (e.g. dropout) follow the model's mode
-            return
-        wrapper_cls = method.wrapper_for(module)
-        if wrapper_cls is None:
+        elif method.wrapper_for(module) is None:
             raise ConfigError(
                 f"target {name!r} is a {type(module).__name__}, which {method.name} cannot adapt (it wraps: "
                 f"{method.supported_types()}). Narrow target_modules, or exclude it with exclude_modules=[{name!r}]."
             )
-        wrapper = wrapper_cls(module)
+
+    def _inject_one(self, model, name, adapter_name, config, method) -> None:
+        self._check_injectable(model, name, method)
+        module = model.get_submodule(name)
+        if isinstance(module, AdapterLayer):
+            module.add_adapter(adapter_name, config, name)
+            module.train(module.base_layer.training)  # new submodules (e.g. dropout) follow the model's mode
+            return
+        wrapper = method.wrapper_for(module)(module)
         wrapper.add_adapter(adapter_name, config, name)
         wrapper.train(module.training)  # an eval-mode model stays in eval mode (dropout off)
         _set_submodule(model, name, wrapper)
@@ -295,7 +304,7 @@ class PeftModel(nn.Module):
         for name, wrapper in list(self._wrappers()):
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapter_names:  # nothing left on it: put the original module back
-                original = wrapper.base_layer if isinstance(wrapper, AdapterLayer) else wrapper.original_module
+                original = wrapper.unwrapped() if isinstance(wrapper, AdapterLayer) else wrapper.original_module
                 _set_submodule(model, name, original)
 
     @contextlib.contextmanager
@@ -395,8 +404,10 @@ class PeftModel(nn.Module):
         groups: list[dict] = []
         claimed: set[int] = set()
         for adapter in self._active:
-            params = [(by_id[id(t)], t) for t in self.adapter_tensors(adapter).values()
-                      if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in claimed]
+            # Keyed by id: a tensor several layers share (LoRA-drop's shared pair) is listed under each layer's key
+            # but must reach the optimizer once, or it would be stepped once per layer.
+            params = list({id(t): (by_id[id(t)], t) for t in self.adapter_tensors(adapter).values()
+                           if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in claimed}.values())
             if not params:
                 continue
             claimed.update(id(p) for _, p in params)
@@ -416,6 +427,17 @@ class PeftModel(nn.Module):
         """Sum of the active methods' regularisers, or None when no method has one."""
         terms = [t for a in self._active if (t := self.method_of(a).extra_loss(self, a)) is not None]
         return sum(terms) if terms else None
+
+    def prepare(self, run) -> list[str]:
+        """Call before the main training, before its optimizer is built: runs each active method's `prepare` hook (a
+        phase of its own, e.g. LoRA-drop's layer selection; `run` is peftlab.train.prepare.PrepareRun). Returns the
+        Markdown notes the hooks returned, for the model card."""
+        notes = []
+        for adapter in list(self._active):
+            note = self.method_of(adapter).prepare(self, adapter, run)
+            if note:
+                notes.append(note)
+        return notes
 
     # ---- merging ------------------------------------------------------------------------------------
 
@@ -446,7 +468,7 @@ class PeftModel(nn.Module):
         model = self.base_model.model
         for name, wrapper in list(self._wrappers()):
             if isinstance(wrapper, AdapterLayer):
-                original = wrapper.base_layer
+                original = wrapper.unwrapped()
             elif keep_copies and wrapper.active_adapter is not None:
                 original = wrapper.modules_to_save[wrapper.active_adapter]
             else:
@@ -571,10 +593,13 @@ class PeftModel(nn.Module):
         return peft_model
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: str | None = None, revision: str | None = None, **_ignored) -> None:
-        """Load another adapter folder onto this model under `adapter_name` (not activated)."""
+                     subfolder: str | None = None, revision: str | None = None,
+                     config: AdapterConfig | None = None, **_ignored) -> None:
+        """Load another adapter folder onto this model under `adapter_name` (not activated). `config`, as in
+        `from_pretrained`, replaces the folder's own: e.g. a QLoRA adapter's file reads as plain LoRA, and a second
+        QLoRA adapter needs `config=QLoraConfig.from_lora(read_config(folder))` to join the 4-bit layers."""
         folder = adapter_files.resolve_adapter_dir(model_id, subfolder, revision)
-        config = dataclasses.replace(read_config(folder), inference_mode=not is_trainable)
+        config = dataclasses.replace(config or read_config(folder), inference_mode=not is_trainable)
         weights = adapter_files.read_weights(folder)
         self.add_adapter(adapter_name, config)
         try:

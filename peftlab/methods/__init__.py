@@ -7,3 +7,5 @@ from . import vera  # noqa: F401
 from . import lora_fa  # noqa: F401
 from . import lora_plus  # noqa: F401
 from . import dora  # noqa: F401
+from . import qlora  # noqa: F401
+from . import lora_drop  # noqa: F401

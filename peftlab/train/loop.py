@@ -6,6 +6,7 @@ Per optimizer step:
     for each micro-batch: loss = sum of losses / global units (x processes, which DDP averages over)
                           + the methods' extra losses; backward
     clip, optimizer step, scheduler step, then every active method's on_step hook
+Before the first step (and before the optimizer is built) every active method's `prepare` hook runs once.
 Dividing by the global count (not averaging per micro-batch) makes accumulation and multi-process runs
 compute the same update as one large batch.
 
@@ -36,6 +37,7 @@ from .sources import resolve_shipped
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .model_card import write_model_card
+from .prepare import PrepareRun
 from .tasks import TASK_TABLE, Task, summarise_eval
 
 
@@ -109,7 +111,9 @@ class RunState:
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, accelerator: Accelerator | None = None, log=print) -> None:
+    def __init__(self, run: RunConfig, accelerator: Accelerator | None = None, log=print, prepare: bool = True) -> None:
+        """prepare=False skips the methods' phase before training (Method.prepare): for evaluating a saved adapter,
+        whose file already holds that phase's outcome (e.g. LoRA-drop's shared pairs, copied under every layer)."""
         self.run, self.cfg, self.log = run, run.train, log
         self.task: Task = TASK_TABLE[run.task]
         # cpu=True without CUDA: under `accelerate launch --num_processes N` Accelerate then sets up gloo across
@@ -140,7 +144,6 @@ class Trainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             base.config.use_cache = False
         self.peft_model = get_peft_model(base, method_config)
-        self.optimizer = torch.optim.AdamW(param_groups_with_decay(self.peft_model, self.cfg.lr, self.cfg.weight_decay))
         world = self.accelerator.num_processes
         self.global_batch = self.cfg.batch_size * self.cfg.grad_accum * world
         # Rows left over after the last full global batch of an epoch are skipped in that epoch (the next
@@ -152,6 +155,10 @@ class Trainer:
                 f"{self.cfg.batch_size} x grad_accum {self.cfg.grad_accum} x {world} processes). "
                 "Lower train.batch_size or grad_accum, or add data.")
         self.total_steps = self.cfg.max_steps or max(1, round(self.cfg.epochs * self.steps_per_epoch))
+        # A method's phase before the main training (Method.prepare, e.g. LoRA-drop's layer selection) may change
+        # which tensors train, so the optimizer is built after it. Markdown notes it returns go into the model card.
+        self.method_notes = self.peft_model.prepare(PrepareRun(self)) if prepare else []
+        self.optimizer = torch.optim.AdamW(param_groups_with_decay(self.peft_model, self.cfg.lr, self.cfg.weight_decay))
         warmup = self.cfg.warmup_steps or int(self.cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg.scheduler, warmup, self.total_steps))
@@ -328,7 +335,8 @@ class Trainer:
         after = self.evaluate()
         result = {"before": before, "after": after, "steps": self.state.step, "train_seconds": train_seconds,
                   "tokens_per_s": train_tokens / max(train_seconds, 1e-9), "stopped_early": stopped_early,
-                  "adapter_dir": os.path.join(cfg.output_dir, "adapter"), "data": self.data_report}
+                  "adapter_dir": os.path.join(cfg.output_dir, "adapter"), "data": self.data_report,
+                  "method_notes": self.method_notes}
         if logger:
             logger.write({"step": self.state.step, "split": "eval", **after})
             logger.close()

@@ -48,6 +48,8 @@ model = PeftModel.from_pretrained(base_model, "{adapter_dir}")
 {yaml.safe_dump({'method': config['method'], 'train': config['train']}, sort_keys=False).strip()}
 ```
 """
+    for note in result.get("method_notes") or []:  # sections a method's `prepare` hook wrote (Method.prepare)
+        text += "\n" + note.strip() + "\n"
     path = os.path.join(adapter_dir, "README.md")
     atomic_write_text(path, text)
     return path

@@ -1,0 +1,27 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on frozen 4-bit NF4 base weights with double-quantised scales.
+
+nf4.py is the format in plain torch (quantise, pack, dequantise; memory and error bounds); bnb.py uses bitsandbytes'
+kernels for it where installed; layer.py holds the NF4 base layer and the LoRA wrapper (forward, merging, unloading);
+config.py the config. Files are plain LoRA files (peft_type "LORA")."""
+
+from torch import nn
+
+from ...core.method import Method, register
+from ...core.targets import ATTENTION_QV_TARGETS, Conv1D
+from ..lora.combine import combine_lora
+from .config import QLoraConfig
+from .layer import NF4Linear, QLoraLinear
+from .nf4 import dequantize_nf4, quantize_nf4
+
+METHOD = register(Method(
+    name="qlora",
+    config_cls=QLoraConfig,
+    # NF4Linear: the base of an existing QLoRA layer, so that a second QLoRA adapter joins the same wrapper.
+    layers=((nn.Linear, QLoraLinear), (Conv1D, QLoraLinear), (NF4Linear, QLoraLinear)),
+    summary="QLoRA: LoRA on frozen 4-bit NF4 base weights (double-quantised scales), dequantised per matmul "
+            "(files: LORA)",
+    default_targets=ATTENTION_QV_TARGETS,
+    combine=combine_lora,
+))
+
+__all__ = ["QLoraConfig", "QLoraLinear", "NF4Linear", "quantize_nf4", "dequantize_nf4", "METHOD"]
