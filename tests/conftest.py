@@ -139,3 +139,29 @@ class TinyConv(torch.nn.Module):
 
     def forward(self, x):
         return self.head(self.conv(x).mean(dim=(2, 3)))
+
+
+def straight_and_resumed(make_run, tmp_path, monkeypatch, crash_at: int = 7):
+    """Train `make_run(output_dir)` to the end once, and once more with a simulated crash before step
+    `crash_at` followed by `--resume` from the newest checkpoint. Returns (straight, resumed) output folders
+    and the checkpoint names present at the crash; the two runs' adapter files must be equal."""
+    import os
+
+    from peftlab.train import Trainer, train
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(make_run(straight), log=lambda *_: None)
+    original_step = Trainer._step
+
+    def crash(self):
+        if self.state.step == crash_at:
+            raise KeyboardInterrupt("simulated crash")
+        return original_step(self)
+
+    monkeypatch.setattr(Trainer, "_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(make_run(resumed), log=lambda *_: None)
+    monkeypatch.setattr(Trainer, "_step", original_step)
+    at_crash = sorted(os.listdir(resumed / "checkpoints"))
+    train(make_run(resumed), resume=True, log=lambda *_: None)
+    return straight, resumed, at_crash

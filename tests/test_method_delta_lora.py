@@ -23,9 +23,9 @@ from safetensors.torch import load_file, save_file
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.methods.delta_lora import DeltaLoraConfig, DeltaLoraLinear
-from peftlab.train import Trainer, train
+from peftlab.train import Trainer
 
-from .conftest import model_inputs, output_of, run_config, sentences, tiny_gpt2, tiny_llama
+from .conftest import model_inputs, output_of, run_config, sentences, straight_and_resumed, tiny_gpt2, tiny_llama
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
@@ -174,21 +174,9 @@ def test_peftlab_train_moves_the_base_and_the_adapter_reproduces_the_run(llama_d
 def test_resume_reaches_the_same_files_as_an_uninterrupted_run(llama_dir, tmp_path, monkeypatch):
     txt = tmp_path / "corpus.txt"
     txt.write_text("\n\n".join(sentences(40)))
-    straight = tmp_path / "straight"
-    train(_run(llama_dir, str(txt), straight, save_every=3), log=lambda *_: None)
-    broken = tmp_path / "broken"
-    original_step = Trainer._step
-
-    def crash_after_7(self):
-        if self.state.step == 7:  # past the warm-up (4): the base has moved, and the checkpoint at 6 holds it
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "_step", crash_after_7)
-    with pytest.raises(KeyboardInterrupt):
-        train(_run(llama_dir, str(txt), broken, save_every=3), log=lambda *_: None)
-    monkeypatch.setattr(Trainer, "_step", original_step)
-    train(_run(llama_dir, str(txt), broken, save_every=3), resume=True, log=lambda *_: None)
+    # crash at 7: past the warm-up (4), so the base has moved and the checkpoint at 6 must hold it
+    straight, broken, _ = straight_and_resumed(lambda out: _run(llama_dir, str(txt), out, save_every=3),
+                                               tmp_path, monkeypatch)
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(broken / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and any(k.endswith("base_layer.weight") for k in a)

@@ -30,10 +30,10 @@ from peftlab.core.config import ConfigError
 from peftlab.methods.lora_drop import (IMPORTANCE_FILE, LoraDropConfig, importance_table, layer_scores,
                                        select_layers, share_layers)
 from peftlab.methods.lora_drop.select import token_mask
-from peftlab.train import Trainer, train
+from peftlab.train import Trainer
 from peftlab.train.prepare import PrepareRun
 
-from .conftest import model_inputs, output_of, run_config, sentences, tiny_llama
+from .conftest import model_inputs, output_of, run_config, sentences, straight_and_resumed, tiny_llama
 
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -336,21 +336,8 @@ def test_peftlab_train_runs_both_phases_and_the_adapter_loads_in_peft(llama_dir,
 def test_resume_repeats_the_selection_and_reaches_the_same_files(llama_dir, tmp_path, monkeypatch):
     txt = _corpus(tmp_path)
     method = _method(top_n=2, lora_dropout=0.1)
-    straight = tmp_path / "straight"
-    train(run_config(llama_dir, "causal_lm", txt, straight, method, save_every=3), log=lambda *_: None)
-    broken = tmp_path / "broken"
-    original_step = Trainer._step
-
-    def crash_after_7(self):
-        if self.state.step == 7:
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "_step", crash_after_7)
-    with pytest.raises(KeyboardInterrupt):
-        train(run_config(llama_dir, "causal_lm", txt, broken, method, save_every=3), log=lambda *_: None)
-    monkeypatch.setattr(Trainer, "_step", original_step)
-    train(run_config(llama_dir, "causal_lm", txt, broken, method, save_every=3), resume=True, log=lambda *_: None)
+    straight, broken, _ = straight_and_resumed(
+        lambda out: run_config(llama_dir, "causal_lm", txt, out, method, save_every=3), tmp_path, monkeypatch)
     a = load_file(straight / "adapter" / "adapter_model.safetensors")
     b = load_file(broken / "adapter" / "adapter_model.safetensors")
     assert a.keys() == b.keys()

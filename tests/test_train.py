@@ -18,7 +18,7 @@ from peftlab.train import Trainer, load_run_config, train
 from peftlab.train.loop import lr_lambda, param_groups_with_decay
 
 from .conftest import run_config as _run
-from .conftest import save_tiny
+from .conftest import save_tiny, straight_and_resumed
 from .conftest import sentences as _sentences
 from .conftest import write_jsonl as _write_jsonl
 
@@ -89,23 +89,9 @@ def test_resume_reaches_the_same_adapter_as_an_uninterrupted_run(llama_dir, tmp_
     txt = tmp_path / "corpus.txt"
     txt.write_text("\n\n".join(_sentences(40)))
     method = {"name": "lora", "r": 4, "lora_dropout": 0.2, "target_modules": ["q_proj", "v_proj"]}
-    straight = tmp_path / "straight"
-    train(_run(llama_dir, "causal_lm", str(txt), straight, method=method, save_every=3), log=lambda *_: None)
-
-    broken = tmp_path / "broken"
-    original_step = Trainer._step
-
-    def crash_after_7(self):
-        if self.state.step == 7:
-            raise KeyboardInterrupt("simulated crash")
-        return original_step(self)
-
-    monkeypatch.setattr(Trainer, "_step", crash_after_7)
-    with pytest.raises(KeyboardInterrupt):
-        train(_run(llama_dir, "causal_lm", str(txt), broken, method=method, save_every=3), log=lambda *_: None)
-    monkeypatch.setattr(Trainer, "_step", original_step)
-    assert sorted(os.listdir(broken / "checkpoints")) == ["step-000003", "step-000006"]
-    train(_run(llama_dir, "causal_lm", str(txt), broken, method=method, save_every=3), resume=True, log=lambda *_: None)
+    straight, broken, at_crash = straight_and_resumed(
+        lambda out: _run(llama_dir, "causal_lm", str(txt), out, method=method, save_every=3), tmp_path, monkeypatch)
+    assert at_crash == ["step-000003", "step-000006"]
     a, b = _adapter(straight), _adapter(broken)
     assert a.keys() == b.keys()
     for k in a:
