@@ -6,6 +6,7 @@ Prints one table: tokens/s, mean step time and peak RSS for each, and peftlab / 
 
     python benchmarks/train_step_cpu.py                 # bf16 autocast where the CPU has it, else fp32
     python benchmarks/train_step_cpu.py --precision fp32 --steps 8
+    python benchmarks/train_step_cpu.py --top-layers 10     # the default run's setting: LoRA on the top 10 layers
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ def _texts(n: int) -> list[str]:
     return out
 
 
+def _layers(args) -> list[int] | None:
+    """--top-layers N: adapt only the last N of SmolLM2's 30 layers (backward then stops at the lowest one)."""
+    return list(range(30 - args.top_layers, 30)) if args.top_layers else None
+
+
 def run_peft(args) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
@@ -48,7 +54,8 @@ def run_peft(args) -> dict:
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM",
+                                             layers_to_transform=_layers(args)))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     texts = _texts(args.batch * (args.steps + 1))
     enc = tok(texts, truncation=True, max_length=args.seq_len, return_tensors="pt")
@@ -78,7 +85,8 @@ def run_peftlab(args) -> dict:
                 fh.write(json.dumps({"text": t}) + "\n")
         run = build_run_config({
             "model": "smollm2", "task": "causal_lm",
-            "method": {"name": "lora", "r": 16, "lora_alpha": 32, "target_modules": TARGETS},
+            "method": {"name": "lora", "r": 16, "lora_alpha": 32, "target_modules": TARGETS,
+                       "layers_to_transform": _layers(args)},
             "data": {"train_file": data, "eval_fraction": 0.0, "max_length": args.seq_len},
             "train": {"output_dir": os.path.join(tmp, "out"), "batch_size": args.batch, "max_steps": args.steps + 1,
                       "lr": 1e-4, "precision": args.precision, "progress": False, "tensorboard": False,
@@ -100,6 +108,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto")
+    parser.add_argument("--top-layers", type=int, default=0, help="adapt only the last N of the 30 layers (0: all)")
     parser.add_argument("--side", choices=["peft", "peftlab"], help=argparse.SUPPRESS)  # internal: one side
     args = parser.parse_args()
     if args.precision == "auto":
@@ -114,10 +123,11 @@ def main() -> None:
     rows = {}
     for side in ("peft", "peftlab"):
         cmd = [sys.executable, __file__, "--side", side, "--steps", str(args.steps), "--batch", str(args.batch),
-               "--seq-len", str(args.seq_len), "--precision", args.precision]
+               "--seq-len", str(args.seq_len), "--precision", args.precision, "--top-layers", str(args.top_layers)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows[side] = json.loads(out)
-    print(f"LoRA r=16 on {'/'.join(TARGETS)}, SmolLM2-135M, batch {args.batch} x {args.seq_len} tokens, "
+    where = f"the top {args.top_layers} layers" if args.top_layers else "all 30 layers"
+    print(f"LoRA r=16 on {'/'.join(TARGETS)} of {where}, SmolLM2-135M, batch {args.batch} x {args.seq_len} tokens, "
           f"{args.precision}, {args.steps} timed steps, {os.cpu_count()} CPU cores\n")
     print("| loop | tokens/s | step (s) | peak RSS (MiB) |\n|---|---|---|---|")
     for side, label in (("peft", "HF PEFT + plain PyTorch loop"), ("peftlab", "peftlab Trainer")):
