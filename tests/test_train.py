@@ -175,3 +175,20 @@ def test_overrides_reach_nested_options_and_yaml_floats_without_dot_parse(tmp_pa
 def test_every_example_config_validates(path):
     run = load_run_config(path)
     assert run.method is not None and run.data.train_file
+
+
+def test_lm_loss_sum_over_count_equals_transformers_mean_loss():
+    from peftlab.train.tasks import lm_loss_sum
+
+    from .conftest import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.randint(1, 90, (3, 11), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :4] = -100  # a masked prompt
+    labels[2, 7:] = -100  # padding
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    total, count = lm_loss_sum(out.logits, {"labels": labels})
+    torch.testing.assert_close(total / count, out.loss)
+    assert count == int((labels[:, 1:] != -100).sum())
