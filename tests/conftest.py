@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton kernels (peftlab/kernels) are tested on CPU under Triton's interpreter. Triton reads TRITON_INTERPRET when it
+# is first imported, and transformers imports it below, so it must be set here, before anything else.
+if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: interpret (on a GPU machine the kernels compile)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 

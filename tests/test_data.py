@@ -245,7 +245,7 @@ def test_config_errors():
         DataConfig(train_file="x.jsonl", max_length=1)
     assert DataConfig(train_file="x.jsonl", labels=[0, 1]).labels == ["0", "1"]
     assert set(DataConfig.field_docs()) == {f for f in DataConfig.__dataclass_fields__}
-    assert set(TASKS) == {"causal_lm", "sft", "classify"}
+    assert set(TASKS) == {"causal_lm", "sft", "classify", "reward", "dpo"}
 
 
 # ---- classify ---------------------------------------------------------------------------------------------

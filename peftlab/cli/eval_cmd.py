@@ -31,6 +31,15 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(config_path):
         raise CliError(f"{args.run!r} is neither a run folder (with run_config.yaml) nor a config file.")
     run_config = load_run_config(config_path, args.overrides)
+    from ..core.method import method_for_config
+
+    method = method_for_config(run_config.method)
+    if method.run is not None or run_config.task == "ppo":
+        raise CliError(
+            f"peftlab eval loads a weight adapter into the training loop's model; a {method.name} run "
+            f"({'task ppo' if run_config.task == 'ppo' else 'no gradient training'}) is evaluated by its own run. "
+            f"Its results are in {os.path.join(run_config.train.output_dir, 'metrics.jsonl')}; run `peftlab train "
+            f"{config_path} data.eval_file=...` to score other rows.")
     adapter = args.adapter or os.path.join(run_config.train.output_dir, "adapter")
     if os.path.isdir(args.run) and not args.adapter:
         adapter = os.path.join(args.run, "adapter")

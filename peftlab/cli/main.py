@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import eval_cmd, generate_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
+from . import compare_cmd, eval_cmd, generate_cmd, inspect_cmd, merge_cmd, methods_cmd, train_cmd
 from .errors import CliError
 
 # Each entry: a module with NAME, HELP, DESCRIPTION, add_arguments(parser) and run(args) -> int.
-COMMANDS = [train_cmd, eval_cmd, generate_cmd, merge_cmd, inspect_cmd, methods_cmd]
+COMMANDS = [train_cmd, eval_cmd, generate_cmd, merge_cmd, compare_cmd, inspect_cmd, methods_cmd]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     config, overrides = split_config_and_overrides(args)
     run_config = load_run_config(config, overrides)
     print(f"peftlab train: {run_config.method_name} on {run_config.model}, task {run_config.task}, "
-          f"data {run_config.data.train_file} -> {run_config.train.output_dir}")
+          f"data {run_config.data.train_file if run_config.data else 'ppo.prompts'} -> {run_config.train.output_dir}")
     result = train(run_config, resume=args.resume)
     print()
     print(format_before_after(result))

@@ -11,6 +11,8 @@ What a subclass provides:
   loading all read it (nothing is found by substring matching on names).
 - `forward(x, ...)`.
 - `delta_weight(name)` (optional): the adapter's update in the base weight's shape, if it can be merged.
+- `merged_weight(name, W)` / `unmerged_weight(name, W)` (optional): how merging changes the base weight when it is not
+  W +/- delta_weight (DoRA rescales); core's merge/unmerge loop, safe_merge check and bookkeeping call them.
 - `trainable_tensors(name)` (optional): the part of `adapter_tensors` that trains. Default: every nn.Parameter
   in it. A method whose adapter holds parameters that are saved but never trained returns fewer (LoRA-FA keeps
   A frozen at its random init); core then leaves those at requires_grad=False.
@@ -128,30 +130,45 @@ class AdapterLayer(nn.Module):
         the dequantised weight)."""
         return self.base_layer
 
+    # Words for the safe_merge error: "Merging <merge_label>adapter ... <merge_hint>" (DoRA names itself and its norm).
+    merge_label = ""
+    merge_hint = "Check the adapter weights for NaN/inf."
+
+    def merged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with this adapter folded in, from the current one (both fp32): W + delta_weight. A method
+        whose update is not additive overrides this (DoRA rescales) and `unmerged_weight` with its inverse."""
+        return weight + self.delta_weight(adapter_name).to(torch.float32)
+
+    def unmerged_weight(self, adapter_name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The inverse of `merged_weight` (fp32 in and out): W' - delta_weight."""
+        return weight - self.delta_weight(adapter_name).to(torch.float32)
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Add each adapter's `delta_weight` into the base weight (fp32 arithmetic, cast back)."""
+        """Fold each adapter into the base weight with `merged_weight` (fp32 arithmetic, cast back)."""
         names = self.active_adapters if adapter_names is None else adapter_names
         weight = self.base_weight()
         for name in names:
             if name not in self.adapter_names or name in self.merged_adapters:
                 continue
-            delta = self.delta_weight(name).to(torch.float32)
-            merged = weight.data.to(torch.float32) + delta
+            with torch.no_grad():
+                merged = self.merged_weight(name, weight.data.to(torch.float32))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
-                    f"Merging adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}'s weight; "
-                    "the base weight was left unchanged. Check the adapter weights for NaN/inf."
+                    f"Merging {self.merge_label}adapter {name!r} would put NaN/inf into "
+                    f"{type(self.base_layer).__name__}'s weight; the base weight was left unchanged. {self.merge_hint}"
                 )
             weight.data.copy_(merged.to(weight.dtype))
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """Subtract merged adapters again, newest first. Exact up to one float rounding per weight."""
+        """Undo merged adapters with `unmerged_weight`, newest first. Exact up to one float rounding per weight."""
         weight = self.base_weight()
         while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            delta = self.delta_weight(name).to(torch.float32)
-            weight.data.copy_((weight.data.to(torch.float32) - delta).to(weight.dtype))
+            name = self.merged_adapters[-1]
+            with torch.no_grad():
+                restored = self.unmerged_weight(name, weight.data.to(torch.float32))
+            weight.data.copy_(restored.to(weight.dtype))
+            self.merged_adapters.pop()
 
     def live_adapters(self) -> list[str]:
         """Adapters whose branch must run in forward: active, not merged, and not disabled."""

@@ -18,6 +18,14 @@ A `Method` says:
 - `to_file` / `load_targets` / `after_load` (optional): what a method's files hold beyond `adapter_tensors`
   (AdaLoRA's pruned triplets, Delta-LoRA's updated base weights) and what loading does after the copy.
 - `prepare` (optional): a phase the training loop runs before the main training (LoRA-drop's layer selection).
+- `merges` / `complete_config` / `base_tensors` (optional): whether the adapter can be merged into the weights; a
+  config filled in from the model (head_only's head, last_layers' blocks); base-model parameters the adapter trains
+  in place (full fine-tuning, BitFit). A method with no `layers` wraps no module.
+- `run` (optional): a method that is not trained by gradient steps (features + logistic regression, in-context
+  learning) takes over the whole `peftlab train` run instead of the training loop.
+- `model_modules` / `forward` / `generate` / `from_file` (optional): input-side methods (prompt tuning, prefix
+  tuning, P-tuning): a trainable module per adapter held on the wrapped model (PEFT's `prompt_encoder.<adapter>`),
+  hooks that run the base model with the inputs rewritten, and the file layout read back.
 """
 
 from __future__ import annotations
@@ -65,6 +73,10 @@ def _no_after_load(model: "PeftModel", adapter_name: str) -> None:
 
 def _no_prepare(model: "PeftModel", adapter_name: str, run: Any) -> None:
     return None
+
+
+def _config_as_given(model: nn.Module, config: AdapterConfig) -> AdapterConfig:
+    return config
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,70 @@ class Method:
     the hook again before the checkpoint is loaded, so it must rebuild the same structure for the same seed (the
     loop seeds everything before it). Code that trains without `peftlab train` calls the method's own Python API
     instead (e.g. peftlab.methods.lora_drop.select_layers / share_layers)."""
+
+    merges: bool = True
+    """Whether the adapter's effect can be folded into the base weights (`merge_adapter`, `merge_and_unload`). False
+    for methods whose effect is not a weight update (bottleneck adapters' non-linearity, prompt tuning's extra
+    tokens): merging then raises before anything changes."""
+
+    complete_config: Callable[..., AdapterConfig] = _config_as_given
+    """(model, config) -> config: fill in what depends on the model before injection, e.g. head_only puts the
+    model's output layer into modules_to_save. `model` is the user's model (no wrappers of this adapter yet)."""
+
+    base_tensors: Callable[..., dict[str, nn.Parameter]] | None = None
+    """(model, config) -> {parameter path in the user's model: parameter}: base-model parameters this adapter trains
+    in place (full fine-tuning: all of them; BitFit: the biases). Core makes them trainable while the adapter is
+    active, counts and saves them with it (file key `base_model.model.<path>`), and loads files into them. Training
+    changes the base itself: `disable_adapter()` and `unload()` warn that they cannot give the original weights back,
+    and only one adapter with base tensors may live on a model. Parameters inside modules_to_save wrappers are left
+    out (their copies train). None: the method trains no base parameter."""
+
+    updates_base: bool = False
+    """True when training changes the base weights the adapter sits on (Delta-LoRA adds its update to W after each
+    step). Like `base_tensors`, this makes `disable_adapter()` / `unload()` warn, and tasks whose reference model is
+    "the base with adapters disabled" (dpo) refuse the method, since their reference would move."""
+
+    run: Callable[..., dict[str, Any]] | None = None
+    """(run_config, log) -> result: a method that is not trained by the gradient loop (frozen features + logistic
+    regression, in-context learning) does the whole `peftlab train` run itself: loads what it needs, fits/evaluates,
+    writes its files into `run_config.train.output_dir` (`adapter/`, `metrics.jsonl`) and returns the dict the
+    training loop returns (`before`, `after`, `steps`, `train_seconds`, `tokens_per_s`, `adapter_dir`, `data`,
+    `method_notes`, `trainable_params`, `all_params`). None: the method trains through the loop."""
+
+    # ---- input-side methods (prompt tuning, prefix tuning, P-tuning): a model-level module and a forward hook ----
+
+    model_modules: Callable[..., dict[str, nn.Module]] | None = None
+    """(model, adapter_name, config) -> {store name: module}: trainable modules one adapter owns at the level of the
+    whole model rather than inside a base layer, e.g. prompt tuning's virtual-token table or P-tuning's prompt encoder
+    (an MLP/LSTM). Called once per adapter, after its layers (if any) are injected; `config` is the completed config.
+    Core keeps each module at `PeftModel.<store name>[adapter_name]` (an nn.ModuleDict; PEFT's place, e.g.
+    `prompt_encoder.default`), so it moves with the model, counts in `get_nb_trainable_parameters`, and goes with
+    `delete_adapter`. Its state-dict entries are part of `adapter_tensors` under `<store name>.<entry>` (the adapter
+    name dropped, PEFT's rule), so core freezes, unfreezes, counts, saves and loads them like layer tensors; `to_file`
+    / `from_file` may give them another layout in files. The module is used only by the method's own `forward` /
+    `generate` hooks, so it acts only while its adapter is active and adapters are not disabled. None: no such
+    module."""
+
+    forward: Callable[..., Any] | None = None
+    """(model, adapter_name, kwargs) -> output: run the base model for this adapter, for methods that act on the
+    inputs rather than on base layers (prepend virtual tokens to inputs_embeds, extend attention_mask, pad token
+    labels with -100, pass key/value prefixes as past_key_values, ...). `PeftModel.forward` calls it instead of the
+    base model's forward when an active adapter's method has one and adapters are not disabled (`disable_adapter()`
+    skips it); positional arguments arrive bound to their names in `kwargs`. The hook calls the base model itself
+    (`model.get_base_model()`), through any injected layers of other active adapters. At most one active adapter may
+    have a `forward` hook. None: the base model's own forward runs."""
+
+    generate: Callable[..., Any] | None = None
+    """(model, adapter_name, kwargs) -> output: `PeftModel.generate` for the same adapters as `forward` (HF generate
+    calls the base model's forward directly, so a method that rewrites the inputs needs its own path, e.g. changing
+    the first step's inputs through `prepare_inputs_for_generation`). Required when `forward` is given."""
+
+    from_file: Callable[..., dict[str, Any]] = _same_tensors
+    """(model, adapter_name, found) -> found: the inverse of `to_file`: a file's {key: tensor} (ours or PEFT's) as
+    `adapter_tensors` keys them, before loading checks and copies them (from_pretrained, load_adapter, checkpoint
+    resume). E.g. prompt tuning's file holds one tensor `prompt_embeddings` (PEFT's layout) that loads into
+    `prompt_encoder.embedding.weight`. May raise a clear error for a file it cannot read into this adapter. Default:
+    unchanged."""
 
     def wrapper_for(self, module: nn.Module) -> type["AdapterLayer"] | None:
         for match, wrapper in self.layers:

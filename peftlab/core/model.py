@@ -94,15 +94,25 @@ class PeftModel(nn.Module):
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
+        self.model_module_names: list[str] = []  # ModuleDicts of Method.model_modules, e.g. "prompt_encoder"
+        self._input_hooks_disabled = False  # set by disable_adapter(): Method.forward / generate hooks are skipped
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
     # ---- pass-through to the base model -------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
+        hooked = self._input_hook_adapter()
+        if hooked is not None:  # an input-side method (prompt/prefix tuning) runs the base model itself
+            kwargs = _bind_to_names(self.base_model.model.forward, args, kwargs)
+            return self.method_of(hooked).forward(self, hooked, kwargs)
         return self.base_model.model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
+        hooked = self._input_hook_adapter()
+        if hooked is not None:
+            kwargs = _bind_to_names(self.base_model.model.generate, args, kwargs)
+            return self.method_of(hooked).generate(self, hooked, kwargs)
         return self.base_model.model.generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -145,14 +155,23 @@ class PeftModel(nn.Module):
             raise ValueError(f"Adapter name {adapter_name!r} is not valid: use a non-empty name without dots.")
         method = method_for_config(peft_config)
         model = self.base_model.model
-        config = self._complete_config(peft_config, model)
+        if method.base_tensors is not None:
+            others = [a for a in self.peft_config if self.method_of(a).base_tensors is not None]
+            if others:
+                raise ValueError(
+                    f"{method.name} trains base-model weights in place, and adapter {others[0]!r} "
+                    f"({self.method_of(others[0]).name}) already does: two such adapters would train the same "
+                    "tensors. Delete it first, or use a separate copy of the base model.")
+        config = self._complete_config(method.complete_config(model, peft_config), model)
         try:
             skip = tuple(f"{n}." for n, _ in self._wrappers())
             self._add_modules_to_save(adapter_name, config, model, skip)
             skip = tuple(f"{n}." for n, _ in self._wrappers()) + tuple(n for n, m in self._wrappers()
                                                                        if isinstance(m, ModulesToSaveWrapper))
-            spec = resolve_target_spec(config, model, method.default_targets, method.name)
-            chosen = select_targets(model, config, spec, skip)
+            # A method without layers (full fine-tuning, BitFit, prompt tuning, ...) wraps no module: nothing to
+            # target, and target_modules stays as given (None).
+            spec = resolve_target_spec(config, model, method.default_targets, method.name) if method.layers else []
+            chosen = select_targets(model, config, spec, skip) if method.layers else []
             # Every target is checked before any is wrapped: wrapping may change a base layer in a way removing the
             # adapter cannot undo (QLoRA quantises it), so a bad target found half way must not leave that behind.
             for name in chosen:
@@ -161,18 +180,66 @@ class PeftModel(nn.Module):
                 self._inject_one(model, name, adapter_name, config, method)
             if method.shared_tensors is not None:
                 self._add_shared(adapter_name, config, method)
+            if method.model_modules is not None:
+                self._add_model_modules(adapter_name, config, method)
         except BaseException:
             # A target that fails half way (e.g. one of the matches is a LayerNorm) must not leave the modules
             # before it carrying a half-added adapter.
             self._remove_from_modules(adapter_name)
             raise
-        if config.target_modules is None or config.target_modules == ALL_LINEAR:
+        if method.layers and (config.target_modules is None or config.target_modules == ALL_LINEAR):
             # Record what was resolved, as PEFT does (its files never hold null or "all-linear"): the file then says
             # what it adapts (vLLM reads target_modules), PEFT reads it even beside layers_to_transform, and a later
             # change of defaults cannot change what a saved file loads.
             config = dataclasses.replace(config, target_modules=spec if config.target_modules is None else chosen)
         self.peft_config[adapter_name] = config
         self._refresh_trainable()
+
+    # ---- input-side methods: model-level modules and the forward/generate hook (Method.model_modules / forward) --
+
+    def _add_model_modules(self, adapter_name: str, config: AdapterConfig, method: Method) -> None:
+        """Keep the method's model-level modules for this adapter at `self.<store>[adapter_name]` (PEFT's
+        `prompt_encoder.default`). A store is an nn.ModuleDict registered on this model, so it moves with `.to()`."""
+        if method.forward is not None and method.generate is None:
+            raise TypeError(f"Method {method.name!r} has a forward hook but no generate hook; give it both.")
+        for name, module in method.model_modules(self, adapter_name, config).items():
+            store = self._modules.get(name)
+            if store is None:
+                if not name.isidentifier() or name in self.__dict__ or name in self._modules or \
+                        name in self._parameters or name in self._buffers or hasattr(type(self), name):
+                    raise ValueError(
+                        f"{method.name}'s model_modules returned the name {name!r}, which cannot be an attribute of "
+                        f"the wrapped model (not an identifier, or taken). Rename it in the method's hook.")
+                store = nn.ModuleDict()
+                self.add_module(name, store)
+                self.model_module_names.append(name)
+            store[adapter_name] = module
+
+    def _remove_model_modules(self, adapter_name: str) -> None:
+        for name in list(self.model_module_names):
+            store = self._modules[name]
+            if adapter_name in store:
+                del store[adapter_name]
+            if not len(store):  # the last adapter that had one: drop the store itself
+                del self._modules[name]
+                self.model_module_names.remove(name)
+
+    def _check_one_input_hook(self, names: list[str]) -> None:
+        hooked = [n for n in names if self.method_of(n).forward is not None]
+        if len(hooked) > 1:
+            methods = ", ".join(self.method_of(n).name for n in hooked)
+            raise ValueError(
+                f"Adapters {hooked} each rewrite the model's inputs ({methods}), and only one such adapter can be "
+                "active at a time (peftlab does not stack virtual tokens or "
+                f"prefixes of several adapters). Activate one of them, e.g. set_adapter({hooked[0]!r}).")
+
+    def _input_hook_adapter(self) -> str | None:
+        """The active adapter whose method runs the forward itself (Method.forward), or None: none is active, or
+        adapters are disabled."""
+        if self._input_hooks_disabled:
+            return None
+        self._check_one_input_hook(self._active)
+        return next((n for n in self._active if self.method_of(n).forward is not None), None)
 
     def _add_shared(self, adapter_name: str, config: AdapterConfig, method: Method) -> None:
         """Create the method's model-level tensors for this adapter and hand its layers a reference to them."""
@@ -198,6 +265,22 @@ class PeftModel(nn.Module):
         """{name: tensor} of the shared tensors adapter `adapter_name` owns."""
         tuner = self.base_model
         return {n: tuner._modules[n][adapter_name] for n in tuner.shared_names if adapter_name in tuner._modules[n]}
+
+    def _base_tensors_of(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        """{path in the user's model: parameter} of the base parameters adapter `adapter_name` trains in place
+        (`Method.base_tensors`), less those inside modules_to_save wrappers (their per-adapter copies train)."""
+        method = self.method_of(adapter_name)
+        if method.base_tensors is None:
+            return {}
+        wrapped = {id(p) for _, w in self._wrappers() if isinstance(w, ModulesToSaveWrapper) for p in w.parameters()}
+        found = method.base_tensors(self.base_model.model, self.peft_config[adapter_name])
+        return {path: p for path, p in found.items() if id(p) not in wrapped}
+
+    def _trains_base_in_place(self, adapter_names: list[str]) -> list[str]:
+        """The adapters among these that change base weights in place (biases, full or BitFit training, Delta-LoRA's
+        base update)."""
+        return [a for a in adapter_names if getattr(self.peft_config[a], "bias", "none") != "none"
+                or self.method_of(a).base_tensors is not None or self.method_of(a).updates_base]
 
     def _complete_config(self, config: AdapterConfig, model: nn.Module) -> AdapterConfig:
         changes = {}
@@ -268,6 +351,7 @@ class PeftModel(nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for n in names:
             self._check_known(n)
+        self._check_one_input_hook(names)
         for _, wrapper in self._wrappers():
             wrapper.set_active(names)
         self._active = names
@@ -293,6 +377,7 @@ class PeftModel(nn.Module):
             self.set_adapter(remaining)
 
     def _remove_from_modules(self, adapter_name: str) -> None:
+        self._remove_model_modules(adapter_name)
         tuner = self.base_model
         for name in list(tuner.shared_names):
             store = tuner._modules[name]
@@ -313,18 +398,21 @@ class PeftModel(nn.Module):
         if any(layer.merged for _, layer in self._adapter_layers()):
             warnings.warn("Adapters were merged; unmerging them so that the base model can run without them.")
             self.unmerge_adapter()
-        trained_bias = [a for a in self._active if getattr(self.peft_config[a], "bias", "none") != "none"]
-        if trained_bias:
-            warnings.warn(f"Adapters {trained_bias} train the base model's biases in place (bias != 'none'); "
-                          "disabling adapters does not undo that, so outputs differ from the original base model.")
+        in_place = self._trains_base_in_place(self._active)
+        if in_place:
+            warnings.warn(f"Adapters {in_place} train base-model weights or biases in place (bias != 'none', or a "
+                          "method such as full or bitfit); disabling adapters does not undo that, so outputs differ "
+                          "from the original base model.")
         wrappers = [w for _, w in self._wrappers()]
         for w in wrappers:
             w.disabled = True
+        was_disabled, self._input_hooks_disabled = self._input_hooks_disabled, True
         try:
             yield
         finally:
             for w in wrappers:
                 w.disabled = False
+            self._input_hooks_disabled = was_disabled
 
     # ---- trainable parameters -------------------------------------------------------------------------
 
@@ -339,10 +427,16 @@ class PeftModel(nn.Module):
                     out[f"{prefix}{path}.{suffix}"] = tensor
         for name, param in self._trained_biases(adapter_name):
             out[f"{prefix}{name}"] = param
+        for name, param in self._base_tensors_of(adapter_name).items():
+            out[f"{prefix}{name}"] = param
         shared = self._shared_of(adapter_name)
         if shared and self.method_of(adapter_name).saves_shared(self.peft_config[adapter_name]):
             # The store is `base_model.<name>`, its entry `base_model.<name>.<adapter>`: drop the adapter name.
             out.update({f"base_model.{name}": t for name, t in shared.items()})
+        for store in self.model_module_names:  # Method.model_modules: `prompt_encoder.embedding.weight`, ...
+            if adapter_name in self._modules[store]:
+                module = self._modules[store][adapter_name]
+                out.update({f"{store}.{k}": t for k, t in module.state_dict(keep_vars=True).items()})
         return out
 
     def trainable_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -379,7 +473,7 @@ class PeftModel(nn.Module):
 
     def _refresh_trainable(self) -> None:
         """Freeze everything, then unfreeze what the active, trainable adapters train (`trainable_tensors`)."""
-        for p in self.base_model.parameters():
+        for p in self.parameters():  # the base model and any model-level modules (Method.model_modules)
             p.requires_grad_(False)
         for name in self._active:
             if self.peft_config[name].inference_mode:
@@ -446,6 +540,13 @@ class PeftModel(nn.Module):
         names = self._active if adapter_names is None else adapter_names
         for n in names:
             self._check_known(n)
+        for n in names:
+            method = self.method_of(n)
+            if not method.merges:
+                raise ValueError(
+                    f"Adapter {n!r} ({method.name}: {method.summary}) cannot be merged into the base weights: its "
+                    "effect is not a weight update. Keep it as an adapter (save_pretrained / from_pretrained); "
+                    "nothing was changed.")
         for _, layer in self._adapter_layers():
             layer.merge(names, safe_merge=safe_merge)
 
@@ -461,6 +562,10 @@ class PeftModel(nn.Module):
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain base model."""
+        in_place = self._trains_base_in_place(list(self.peft_config))
+        if in_place:
+            warnings.warn(f"Adapters {in_place} trained base-model weights in place (full, bitfit, or bias != "
+                          "'none'); unload() removes the adapters but cannot restore the original weights.")
         self.unmerge_adapter()
         return self._unwrap(keep_copies=False)
 
@@ -564,6 +669,7 @@ class PeftModel(nn.Module):
         before anything is copied. The method's `load_targets` may add tensors its files carry beyond the adapter's
         own, and its `after_load` runs once everything is in place."""
         method = self.method_of(adapter_name)
+        found = method.from_file(self, adapter_name, found)  # the method's file layout -> adapter_tensors keys
         expected = self.adapter_tensors(adapter_name)
         expected.update(method.load_targets(self, adapter_name, found) or {})
         base = self._embedding_layer_tensors()
@@ -615,6 +721,24 @@ def read_config(folder: str) -> AdapterConfig:
         raise adapter_files.AdapterFileError(f"{folder}/adapter_config.json has no peft_type; it is not an adapter config.")
     method = method_for_peft_type(data["peft_type"], data)
     return method.config_cls.from_dict(data, source=f"{folder}/adapter_config.json")
+
+
+def _bind_to_names(fn, args: tuple, kwargs: dict) -> dict:
+    """`fn(*args, **kwargs)`'s arguments as one {name: value} dict (positional ones named by `fn`'s signature), for the
+    input-side hooks, which read and rewrite inputs by name (`model(ids)` is `model(input_ids=ids)`)."""
+    if not args:
+        return dict(kwargs)
+    import inspect
+
+    params = [p for p in inspect.signature(fn).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(params):
+        raise TypeError(f"{getattr(fn, '__qualname__', fn)} takes {len(params)} positional arguments, got {len(args)}.")
+    named = {p.name: a for p, a in zip(params, args)}
+    both = sorted(set(named) & set(kwargs))
+    if both:
+        raise TypeError(f"Got {both} both by position and by name; pass each once.")
+    return {**named, **kwargs}
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

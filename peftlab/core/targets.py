@@ -67,6 +67,20 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, mod in model.named_modules() if mod is head}
 
 
+def block_lists(model: nn.Module, layers_pattern: list[str] | str | None = None) -> list[tuple[str, nn.ModuleList]]:
+    """(name, ModuleList) of the lists holding the transformer blocks: those whose last name part is one of
+    `layers_pattern` (default COMMON_LAYER_LISTS), outermost first. An encoder-decoder has two (T5: encoder.block,
+    decoder.block); lists nested inside a block (none in common models) are skipped."""
+    patterns = COMMON_LAYER_LISTS if layers_pattern is None else (
+        [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern))
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.ModuleList) and len(module) and name.rsplit(".", 1)[-1] in patterns
+                and not any(name.startswith(f"{outer}.") for outer, _ in found)):
+            found.append((name, module))
+    return found
+
+
 def matches(name: str, spec: list[str] | str | None) -> bool:
     """Does full module name `name` match a target/exclude spec (list of suffixes or full regex)?"""
     if spec is None:

@@ -3,6 +3,7 @@
 Unpacked batches (right-padded to the longest example):
     input_ids (B, T), attention_mask (B, T) 1 real / 0 pad, labels (B, T) with -100 on pads;
     classify: labels (B,) class ids.
+    reward / dpo: 2B rows, the B chosen sides then the B rejected sides (pairs.collate_pairs).
 
 Packed batches (examples carrying position_ids and seq_lens, from `encode_rows` with packing):
     input_ids (B, T), labels (B, T), position_ids (B, T) restarting at 0 per example (0 on pads),
@@ -25,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import TASKS, DataError
+from .config import PAIR_TASKS, TASKS, DataError
+from .pairs import collate_pairs
 
 PACKED_ATTENTION_OK = ("eager", "sdpa")
 IGNORE = -100
@@ -55,6 +57,8 @@ class Collator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise DataError("Collator: got an empty list of examples; a batch needs at least one.")
+        if self.task in PAIR_TASKS:
+            return collate_pairs(examples, self.pad_token_id)
         packed = ["position_ids" in ex for ex in examples]
         if any(packed) and not all(packed):
             raise DataError("Collator: the batch mixes packed and unpacked examples; encode all rows with the same "

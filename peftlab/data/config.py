@@ -12,12 +12,17 @@ from dataclasses import dataclass, field
 
 from ..core.config import ConfigError, check_number, field_docs
 
-TASKS = ("causal_lm", "sft", "classify")
+TASKS = ("causal_lm", "sft", "classify", "reward", "dpo")
 """The task modes: plain language modelling on text, supervised fine-tuning on prompt/response or chat rows
-(only the response is trained), and sequence classification."""
+(only the response is trained), sequence classification, and two on preference pairs (prompt, chosen,
+rejected): a reward model and DPO (see pairs.py)."""
+
+PAIR_TASKS = ("reward", "dpo")
+"""Tasks whose rows are preference pairs: {prompt, chosen, rejected} (+ margin for reward)."""
 
 # Our names for the columns a row may have; `DataConfig.columns` maps these to the file's names.
-COLUMN_NAMES = ("text", "label", "messages", "prompt", "response", "instruction", "input", "output")
+COLUMN_NAMES = ("text", "label", "messages", "prompt", "response", "instruction", "input", "output",
+                "chosen", "rejected", "margin")
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 
@@ -53,7 +58,7 @@ class DataConfig:
 
     columns: dict[str, str] = field(default_factory=dict)
     """Our column names -> the file's, e.g. {text: review, label: sentiment}. Ours: text, label, messages,
-    prompt, response, instruction, input, output."""
+    prompt, response, instruction, input, output; for preference pairs prompt, chosen, rejected, margin."""
 
     skip_bad_rows: bool = False
     """False: the first bad row (missing column, wrong type, empty text, unknown label, nothing left to train)
@@ -61,7 +66,8 @@ class DataConfig:
 
     max_length: int = 512
     """Longest example in tokens; longer ones are truncated (sft keeps the response whole when it fits,
-    cutting the prompt's start; otherwise the end is cut)."""
+    cutting the prompt's start; otherwise the end is cut). Preference pairs: each of prompt + chosen and
+    prompt + rejected, truncated as sft."""
 
     packing: bool = False
     """causal_lm / sft only: join examples into sequences of up to max_length tokens (an example is never
@@ -130,4 +136,4 @@ def _file_list(name: str, value, *, required: bool) -> list[str] | str:
                       f".jsonl/.json/.csv/.parquet/.txt files.")
 
 
-__all__ = ["COLUMN_NAMES", "DataConfig", "DataError", "SUFFIXES", "TASKS"]
+__all__ = ["COLUMN_NAMES", "DataConfig", "DataError", "PAIR_TASKS", "SUFFIXES", "TASKS"]

@@ -18,6 +18,8 @@ Labels follow transformers' convention: the model shifts them (the logits at t p
   turns differently (e.g. drops past reasoning) breaks that, and the row is refused rather than
   masked approximately.
 - classify: leading specials + text + trailing specials (e.g. [CLS] ... [SEP]); label = label2id[label].
+- reward / dpo (preference pairs): prompt + chosen and prompt + rejected are each encoded exactly as an sft
+  prompt/response row (same template choice, same truncation); see pairs.py for the example's keys.
 
 Truncation (sft): when an example is longer than max_length and its trained part (first target to the end)
 fits, tokens are cut from the start of the prompt (after a BOS, which is kept), so the model still sees the
@@ -37,8 +39,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from .config import TASKS, DataConfig, DataError
+from .config import PAIR_TASKS, TASKS, DataConfig, DataError
 from .load import BadRow, SkipTally, bad_row_message, show
+from .pairs import encode_pair
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +68,8 @@ def encode_rows(rows: list[dict], task: str, tokenizer, cfg: DataConfig,
     """
     if task not in TASKS:
         raise DataError(f"task {task!r} is not known; use one of: {', '.join(TASKS)}.")
-    if cfg.packing and task == "classify":
-        raise DataError("packing applies to causal_lm and sft only; set `packing: false` for classify.")
+    if cfg.packing and task not in ("causal_lm", "sft"):
+        raise DataError(f"packing applies to causal_lm and sft only; set `packing: false` for {task}.")
     enc = _Encoder(tokenizer, cfg, task, label2id)
     examples = enc.encode_all(rows)
     sequences = pack(examples, cfg.max_length) if (cfg.packing and task != "classify") else None
@@ -121,20 +124,27 @@ class _Encoder:
             if len(ids) > self.L:
                 ids, self.truncated = ids[: self.L], self.truncated + 1
             return self._checked(ids, list(ids), "text")
+        if self.task in PAIR_TASKS:
+            return encode_pair(self, row)
         if "messages" in row:
             return self._chat(row["messages"], "messages")
-        if "prompt" in row and self.has_chat and self.cfg.prompt_template is None:
-            messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
-            return self._chat(messages, "response")
         if "prompt" in row:
-            prompt = self._format(self.cfg.prompt_template or PLAIN_PROMPT, {"prompt": row["prompt"]})
-            return self._plain(prompt, row["response"], "response")
+            return self.prompt_response(row["prompt"], row["response"], "response")
         fields = {"instruction": row["instruction"], "input": row.get("input") or ""}
         default = ALPACA_WITH_INPUT if fields["input"].strip() else ALPACA_NO_INPUT
         prompt = self._format(self.cfg.prompt_template or default, fields)
         return self._plain(prompt, row["output"], "output")
 
     # ---- pieces ------------------------------------------------------------------------------------------
+
+    def prompt_response(self, prompt: str, response: str, column: str) -> dict:
+        """One prompt/response pair -> {"input_ids", "labels"} (targets: the response and what ends it).
+        The tokenizer's chat template when it has one and no prompt_template is set, else the plain prompt."""
+        if self.has_chat and self.cfg.prompt_template is None:
+            return self._chat([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                              column)
+        return self._plain(self._format(self.cfg.prompt_template or PLAIN_PROMPT, {"prompt": prompt}), response,
+                           column)
 
     def _ids(self, text: str) -> list[int]:
         return list(self.tok(text, add_special_tokens=False)["input_ids"])

@@ -12,6 +12,8 @@ names plus its origin:
     sft:       {"messages": [{"role", "content"}, ...]} | {"prompt": str, "response": str}
                | {"instruction": str, "input": str, "output": str}
     classify:  {"text": str, "label": str}
+    reward:    {"prompt": str, "chosen": str, "rejected": str} (+ "margin": float when the file has the column)
+    dpo:       {"prompt": str, "chosen": str, "rejected": str}
     every row: "_file": the path it came from, "_row": its 1-based data row (jsonl: line number when the file
                has no blank lines; csv: the row after the header; txt: the document number)
 
@@ -36,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from .config import SUFFIXES, TASKS, DataConfig, DataError
+from .config import PAIR_TASKS, SUFFIXES, TASKS, DataConfig, DataError
 
 ROLES = ("system", "user", "assistant")
 SKIP_HINT = "or set `skip_bad_rows: true` to skip such rows (they are counted in the report)"
@@ -233,7 +235,8 @@ class _Columns:
 def _check_columns_exist(path: str, task: str, cols: _Columns) -> None:
     """A column absent from the whole file is a config problem, not a bad row: say so once, before any row."""
     needed = {"causal_lm": [["text"]], "classify": [["text", "label"]],
-              "sft": [["messages"], ["prompt", "response"], ["instruction", "output"]]}[task]
+              "sft": [["messages"], ["prompt", "response"], ["instruction", "output"]],
+              "reward": [["prompt", "chosen", "rejected"]], "dpo": [["prompt", "chosen", "rejected"]]}[task]
     if any(all(cols.has(c) for c in option) for option in needed):
         return
     seen = ", ".join(repr(c) for c in cols.present) or "none"
@@ -318,6 +321,8 @@ def _check_row(row: dict, task: str, cols: _Columns, label_set: set[str] | None)
         return {"text": _string(row, cols, "text")}
     if task == "classify":
         return {"text": _string(row, cols, "text"), "label": _label(row, cols, label_set)}
+    if task in PAIR_TASKS:
+        return _pair(row, cols, task)
     # sft: the row's shape is decided by which columns hold a value (a file may mix shapes)
     if cols.get(row, "messages") is not None:
         return {"messages": _messages(row, cols)}
@@ -333,6 +338,29 @@ def _check_row(row: dict, task: str, cols: _Columns, label_set: set[str] | None)
     raise BadRow("messages", "missing", "the row has none of 'messages', 'prompt'+'response', "
                  "'instruction'+'output'", {k: v for k, v in row.items() if v is not None},
                  "fill one of those shapes in, or map your columns with `columns: {...}`")
+
+
+def _pair(row: dict, cols: _Columns, task: str) -> dict:
+    """A preference pair. A pair whose two responses are the same text prefers nothing (its DPO gradient is 0
+    and its reward loss is log 2 whatever the model does), so it is a bad row. `margin` (reward only, read when
+    the file has the column) is a number, e.g. how strongly the raters preferred `chosen`."""
+    out = {side: _string(row, cols, side) for side in ("prompt", "chosen", "rejected")}
+    if out["chosen"].strip() == out["rejected"].strip():
+        raise BadRow("rejected", "same as chosen", "is the same text as 'chosen', so the pair prefers nothing",
+                     out["rejected"], "drop the row or give it two different responses")
+    if task == "reward" and cols.has("margin"):
+        value = cols.get(row, "margin")
+        if isinstance(value, str):  # CSV cells are read as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value \
+                or abs(value) == float("inf"):
+            raise BadRow("margin", "not a number", "must be a finite number", value,
+                         "give every row a numeric margin (0 for none), or drop the column")
+        out["margin"] = float(value)
+    return out
 
 
 def bad_row_message(path: str, row_number: int, err: BadRow, cols: _Columns | None = None) -> str:
@@ -384,8 +412,8 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
     """Read, check and split the rows of `cfg`'s files for `task` (one of TASKS)."""
     if task not in TASKS:
         raise DataError(f"task {task!r} is not known; use one of: {', '.join(TASKS)}.")
-    if cfg.packing and task == "classify":
-        raise DataError("packing applies to causal_lm and sft only (a classifier reads one example per sequence); "
+    if cfg.packing and task not in ("causal_lm", "sft"):
+        raise DataError(f"packing applies to causal_lm and sft only ({task} reads one example per sequence); "
                         "set `packing: false`.")
     tally = SkipTally()
     files: list[dict] = []

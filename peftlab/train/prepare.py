@@ -92,7 +92,7 @@ class PrepareRun:
     def train(self, steps: int, rows: Sequence[int]) -> list[float]:
         """Take `steps` optimizer steps on `rows` (see the module docstring). Returns each step's loss (mean over the
         step's trained units: tokens, or examples for classification)."""
-        from .loop import lr_lambda, model_inputs, param_groups_with_decay
+        from .loop import lr_lambda, param_groups_with_decay
 
         t, cfg, acc = self._trainer, self._trainer.cfg, self._trainer.accelerator
         rows = list(rows)
@@ -139,8 +139,7 @@ class PrepareRun:
             total = torch.zeros(1, device=acc.device)
             for batch in batches:
                 with acc.autocast():
-                    logits = model(**model_inputs(batch)).logits
-                    loss_sum, _ = t.task.loss_sum(logits, batch)
+                    loss_sum = t.task.forward(model, model, batch, t.run).loss_sum
                 loss = loss_sum / max(units, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
                 total += loss_sum.detach()

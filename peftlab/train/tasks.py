@@ -1,20 +1,32 @@
 """The task modes: which model head to load, how to sum the loss over a batch, and what to report.
 
 Losses are returned as (sum over trained units, number of units): tokens for language modelling, examples for
-classification. The loop divides by the count over the whole global batch (all micro-batches and processes),
-so gradient accumulation and multi-process training give the same update as one big batch would.
+classification, pairs for the preference tasks. The loop divides by the count over the whole global batch (all
+micro-batches and processes), so gradient accumulation and multi-process training give the same update as one big
+batch would.
+
+The loop calls `task.forward(model, peft_model, batch, run) -> TaskOutput` for every batch, in training and
+evaluation. Most tasks are a function of one forward's logits (`loss_sum(logits, batch)`); a task that needs more
+(reward: the head's output at the last real token; dpo: a second forward with the adapters disabled) gives
+`compute` instead (see preference.py).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..core.config import TaskType
+from .preference import dpo_forward, pair_sums, reward_forward
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What the model's forward takes (labels stay out: the loss is ours, summed)."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
 
 
 def lm_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -27,6 +39,12 @@ def lm_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[t
     # Shift the labels, not the logits: position t predicts labels[t + 1]. Slicing logits[:, :-1] would copy the
     # whole (B, T, V) tensor (e.g. 4 x 128 x 49152 fp32 = 100 MB per step); padding labels costs nothing.
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+    # Prompt tuning / P-tuning put `extra` virtual tokens first, so the logits are (B, extra + T, V) (PEFT's layout):
+    # they predict nothing and real position t still predicts labels[t + 1], so the targets get `extra` leading
+    # -100s (no copy of the logits). The first real token stays untargeted, as count_lm_units counts.
+    extra = logits.shape[1] - targets.shape[1]
+    if extra > 0:
+        targets = F.pad(targets, (extra, 0), value=-100)  # (B, extra + T)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                            reduction="sum")
     return loss, int((targets != -100).sum())
@@ -48,6 +66,10 @@ def count_examples(batch: dict[str, torch.Tensor]) -> int:
     return int(batch["labels"].numel())
 
 
+def count_pairs(batch: dict[str, torch.Tensor]) -> int:
+    return int(batch["input_ids"].shape[0]) // 2  # pairs.py: B chosen rows, then B rejected rows
+
+
 def classification_metrics(preds: list[int], labels: list[int], n_classes: int) -> dict[str, float]:
     """Accuracy and macro-F1 (F1 per class, averaged with equal weight; a class never predicted nor present
     scores 0, as scikit-learn's zero_division=0 does)."""
@@ -62,16 +84,59 @@ def classification_metrics(preds: list[int], labels: list[int], n_classes: int) 
 
 
 @dataclass(frozen=True)
+class TaskOutput:
+    """What a task computes on one batch."""
+
+    loss_sum: torch.Tensor
+    """The loss summed over the batch's units (0-d; carries gradients when grad is on)."""
+    units: int
+    """The number of units (tokens, examples, pairs) in the sum."""
+    logits: torch.Tensor | None = None
+    """The forward's logits, for tasks computed from one forward (classify reads its predictions here)."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Per-unit statistics summed over the batch (e.g. pairs ranked right); evaluation reports each / units."""
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     auto_model: str
     """transformers Auto class that loads the model with the right head."""
     task_type: TaskType
-    loss_sum: Callable[[torch.Tensor, dict], tuple[torch.Tensor, int]]
+    loss_sum: Callable[[torch.Tensor, dict], tuple[torch.Tensor, int]] | None
+    """(logits, batch) -> (summed loss, units), for a task computed from one forward's logits."""
     count_units: Callable[[dict], int]
     unit: str
     """What the loss averages over (shown in logs)."""
     classifies: bool = False
+    compute: Callable[..., TaskOutput] | None = None
+    """Instead of loss_sum: compute(model, peft_model, batch, run) -> TaskOutput, for a task that needs more than
+    one forward's logits. `model` is what gradients flow through (the DDP wrapper in training, else the PeftModel);
+    `peft_model` is the unwrapped PeftModel (to disable adapters, find the head); `run` the RunConfig. It runs under
+    the caller's autocast and grad mode."""
+    head_labels: tuple[str, ...] | None = None
+    """The output head's labels when the task fixes them (reward: one score); classify takes its from the data."""
+    reference_is_base: bool = False
+    """The task compares against the base model with adapters disabled (dpo): adapters that change base weights in
+    place (full, bitfit, bias != "none", Delta-LoRA) would move that reference, so the loop refuses them."""
+
+    def forward(self, model, peft_model, batch: dict[str, torch.Tensor], run) -> TaskOutput:
+        """The task's loss on one batch (see the module docstring)."""
+        if self.compute is not None:
+            return self.compute(model, peft_model, batch, run)
+        logits = model(**model_inputs(batch)).logits
+        total, units = self.loss_sum(logits, batch)
+        return TaskOutput(total, units, logits)
+
+
+def reward_compute(model, peft_model, batch: dict[str, torch.Tensor], run) -> TaskOutput:
+    losses, chosen, rejected = reward_forward(model, peft_model, batch)
+    return TaskOutput(losses.sum(), int(losses.numel()), sums=pair_sums(chosen, rejected))
+
+
+def dpo_compute(model, peft_model, batch: dict[str, torch.Tensor], run) -> TaskOutput:
+    losses, chosen, rejected = dpo_forward(model, peft_model, batch, run.preference)
+    return TaskOutput(losses.sum(), int(losses.numel()), sums=pair_sums(chosen, rejected))
 
 
 TASK_TABLE = {
@@ -79,15 +144,24 @@ TASK_TABLE = {
     "sft": Task("sft", "AutoModelForCausalLM", TaskType.CAUSAL_LM, lm_loss_sum, count_lm_units, "token"),
     "classify": Task("classify", "AutoModelForSequenceClassification", TaskType.SEQ_CLS, classify_loss_sum,
                      count_examples, "example", classifies=True),
+    # One score per sequence from a one-output head (trained and saved with the adapter via modules_to_save).
+    "reward": Task("reward", "AutoModelForSequenceClassification", TaskType.SEQ_CLS, None, count_pairs, "pair",
+                   compute=reward_compute, head_labels=("reward",)),
+    "dpo": Task("dpo", "AutoModelForCausalLM", TaskType.CAUSAL_LM, None, count_pairs, "pair", compute=dpo_compute,
+                reference_is_base=True),
 }
 
 
 def summarise_eval(task: Task, loss_sum: float, units: int, preds: list[int], labels: list[int],
-                   n_classes: int) -> dict[str, float]:
+                   n_classes: int, sums: dict[str, float] | None = None) -> dict[str, float]:
+    """Eval metrics: loss per unit; classify: accuracy and macro-F1; token tasks: perplexity; each of the task's
+    summed statistics (`TaskOutput.sums`) per unit."""
     loss = loss_sum / max(units, 1)
     out = {"loss": loss}
     if task.classifies:
         out.update(classification_metrics(preds, labels, n_classes))
-    else:
+    elif task.unit == "token":
         out["perplexity"] = math.exp(min(loss, 50.0))
+    for key, value in (sums or {}).items():
+        out[key] = float(value) / max(units, 1)
     return out

@@ -107,6 +107,7 @@ METHOD = register(Method(
     summary="LoRA that also adds lambda x the change of s B A to the base weight after each step (Delta-LoRA)",
     default_targets=ATTENTION_QV_TARGETS,
     on_step=update_base_weights,
+    updates_base=True,
     to_file=add_base_weights,
     load_targets=base_weight_targets,
     after_load=remember_loaded,

@@ -91,7 +91,7 @@ class DoraLayer(LoraLayer):
 
     # ---- the norm and the magnitude ------------------------------------------------------------------
 
-    def _unmerged_weight(self) -> torch.Tensor:
+    def _weight_without_merges(self) -> torch.Tensor:
         """The base weight without the adapters merged into it (the weight itself when none is)."""
         weight = self.base_weight().detach()
         if not self.merged_adapters:
@@ -105,7 +105,7 @@ class DoraLayer(LoraLayer):
     def weight_norm(self, name: str) -> torch.Tensor:
         """n = ||W + s B A|| per output unit, shaped like the magnitude; a constant for autograd (DoRA sec. 4.3)."""
         update = self._update_rows(name)
-        rows = self._rows(self._unmerged_weight()).to(update.dtype)
+        rows = self._rows(self._weight_without_merges()).to(update.dtype)
         return self._norm_of_rows(rows + self.scaling[name] * update)
 
     def magnitude(self, name: str) -> nn.Parameter:
@@ -131,38 +131,22 @@ class DoraLayer(LoraLayer):
         m = self.magnitude(name).detach().to(torch.float32)
         return self._factor_view(m / self.merge_norms[name].to(torch.float32))
 
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_weight()
-        for name in names:
-            if name not in self.adapter_names or name in self.merged_adapters:
-                continue
-            with torch.no_grad():
-                norm = self.weight_norm(name)  # of the unmerged weight, as forward computes it
-                m = self.magnitude(name).detach().to(torch.float32)
-                factor = self._factor_view(m / norm.to(torch.float32))
-                merged = factor * (weight.data.to(torch.float32) + self.delta_weight(name).to(torch.float32))
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"Merging DoRA adapter {name!r} would put NaN/inf into {type(self.base_layer).__name__}'s weight; "
-                    "the base weight was left unchanged. Check the adapter weights (and that no norm ||W + s B A|| is "
-                    "zero) for NaN/inf."
-                )
-            weight.data.copy_(merged.to(weight.dtype))
-            self.merge_norms[name] = norm
-            self.merged_adapters.append(name)
+    merge_label = "DoRA "
+    merge_hint = "Check the adapter weights (and that no norm ||W + s B A|| is zero) for NaN/inf."
 
-    def unmerge(self) -> None:
-        """W = W' / (m / n) - s B A with the n of merge time, newest adapter first."""
-        weight = self.base_weight()
-        while self.merged_adapters:
-            name = self.merged_adapters[-1]
-            with torch.no_grad():
-                restored = weight.data.to(torch.float32) / self._merge_factor(name) - self.delta_weight(name).to(
-                    torch.float32)
-            weight.data.copy_(restored.to(weight.dtype))
-            self.merged_adapters.pop()
-            del self.merge_norms[name]
+    def merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W' = (m / n) (W + s B A), with n = ||W + s B A|| of the unmerged weight as forward computes it; n is kept
+        for unmerge (core's merge calls this once per merge)."""
+        norm = self.weight_norm(name)
+        self.merge_norms[name] = norm
+        factor = self._factor_view(self.magnitude(name).detach().to(torch.float32) / norm.to(torch.float32))
+        return factor * (weight + self.delta_weight(name).to(torch.float32))
+
+    def unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """W = W' / (m / n) - s B A with the n of merge time."""
+        restored = weight / self._merge_factor(name) - self.delta_weight(name).to(torch.float32)
+        del self.merge_norms[name]
+        return restored
 
     # ---- forward (Linear, Conv1D, Conv2d; Embedding overrides) -----------------------------------------
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ...core.layer import AdapterLayer, linear_shape
 from ...core.targets import pattern_value
+from ...kernels.switch import fused_forward
 from .config import LoraConfig
 from .init import INITIALIZERS, parse_init
 
@@ -86,6 +87,10 @@ class LoraLayer(AdapterLayer):
 class LoraLinear(LoraLayer):
     """LoRA on nn.Linear (weight (out, in)) or transformers' Conv1D (weight (in, out))."""
 
+    kernel_backend: str | None = None
+    """Set by `peftlab.kernels.enable(model, backend)`: run the fused LoRA linear where it computes this forward
+    exactly (kernels/switch.py lists when); None: always the plain forward."""
+
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(base_layer)
@@ -98,6 +103,13 @@ class LoraLinear(LoraLayer):
             # how B A is laid out for tools that merge from it. (The config is the model's own copy.)
             config.fan_in_fan_out = True
         super().add_adapter(adapter_name, config, module_name)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.kernel_backend is not None:
+            y = fused_forward(self, x, args, kwargs)
+            if y is not None:
+                return y
+        return super().forward(x, *args, **kwargs)
 
     def _make_pair(self, r, dtype, device):
         A = nn.Linear(self.in_features, r, bias=False, dtype=dtype, device=device)

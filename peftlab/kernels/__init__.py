@@ -1,0 +1,19 @@
+"""Fast paths, each beside its pure-torch reference (the reference is the CPU path and the tests' oracle).
+
+- `fused_lora_linear` (lora_linear.py): the LoRA linear as one autograd node (Triton: the low-rank term in the
+  base GEMM's epilogue).
+- `chunked_linear_cross_entropy`: lm_head + cross-entropy over row chunks, never holding (N, V) fp32 logits.
+
+Triton is imported only when a Triton path runs. `backend="auto"` uses Triton on CUDA when it imports and the torch
+path otherwise; `backend="triton"` raises, saying what is missing, when it cannot run.
+`enable(model, backend)` / `disable(model)` switch a LoRA model's linear layers onto the fused path (switch.py).
+"""
+
+from .backend import BACKENDS, resolve, triton_unavailable
+from .chunked_ce import chunked_linear_cross_entropy, linear_cross_entropy_reference
+from .lora_linear import LoraLinearFunction, fused_lora_linear, lora_linear_reference
+from .switch import disable, enable
+
+__all__ = ["enable", "disable", "BACKENDS", "resolve", "triton_unavailable", "fused_lora_linear",
+           "lora_linear_reference", "LoraLinearFunction", "chunked_linear_cross_entropy",
+           "linear_cross_entropy_reference"]
