@@ -125,3 +125,19 @@ weight adapter: PEFT's `PeftModel.from_pretrained` cannot load it. Use:
     path = os.path.join(adapter_dir, "README.md")
     atomic_write_text(path, text)
     return path
+
+
+def read_saved_config(folder: str, config_cls, what: str):
+    """The config of a folder a `Method.run` baseline saved (`what`: "features", "icl"), checked to be that method's:
+    one reader for every such `load`, with one set of errors."""
+    from ..core.config import CONFIG_NAME
+
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a saved {what} folder.")
+    with open(path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    if data.get("peft_type") != config_cls.peft_type:
+        raise ConfigError(f"{path} says peft_type={data.get('peft_type')!r}, not {config_cls.peft_type!r}; load it "
+                          f"with the method that wrote it (PeftModel.from_pretrained for weight adapters).")
+    return config_cls.from_dict(data, source=path)

@@ -4,7 +4,6 @@ and loading a saved folder to classify new texts (`load` -> FeaturesClassifier.p
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -114,20 +113,12 @@ def fit_features(model_name_or_path: str, texts: Sequence[str], labels: Sequence
 def load(folder: str, model=None, tokenizer=None) -> FeaturesClassifier:
     """A saved features folder (from `peftlab train` or save_pretrained) as a classifier. The base model named in
     its adapter_config.json is loaded unless `model` and `tokenizer` are given."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a saved features folder.")
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if data.get("peft_type") != FeaturesConfig.peft_type:
-        raise ConfigError(f"{path} says peft_type={data.get('peft_type')!r}, not 'FEATURES'; load it with the method "
-                          f"that wrote it (PeftModel.from_pretrained for weight adapters).")
-    config = FeaturesConfig.from_dict(data, source=path)
+    config = baseline_run.read_saved_config(folder, FeaturesConfig, "features")
     probe = LinearProbe.load(folder)
     base = config.base_model_name_or_path
     if model is None or tokenizer is None:
         if not base:
-            raise ConfigError(f"{path} names no base model (base_model_name_or_path); pass model= and tokenizer=.")
+            raise ConfigError(f"{os.path.join(folder, CONFIG_NAME)} names no base model (base_model_name_or_path); pass model= and tokenizer=.")
         tokenizer, model, model_path = _load_base(base)
     else:
         model_path = base or type(model).__name__

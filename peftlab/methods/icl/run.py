@@ -133,14 +133,7 @@ def _load_causal(model_name_or_path: str):
 def load(folder: str, model=None, tokenizer=None) -> IclClassifier:
     """A saved icl folder as a classifier; the base model named in adapter_config.json is loaded unless `model` and
     `tokenizer` are given."""
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a saved icl folder.")
-    with open(path, encoding="utf-8") as fh:
-        data = json.load(fh)
-    if data.get("peft_type") != IclConfig.peft_type:
-        raise ConfigError(f"{path} says peft_type={data.get('peft_type')!r}, not 'ICL'.")
-    config = IclConfig.from_dict(data, source=path)
+    config = baseline_run.read_saved_config(folder, IclConfig, "icl")
     with open(os.path.join(folder, LABELS_FILE), encoding="utf-8") as fh:
         labels = json.load(fh)
     pool = []
@@ -149,7 +142,7 @@ def load(folder: str, model=None, tokenizer=None) -> IclClassifier:
             pool = [(r["text"], r["label"]) for r in map(json.loads, fh)]
     if model is None or tokenizer is None:
         if not config.base_model_name_or_path:
-            raise ConfigError(f"{path} names no base model (base_model_name_or_path); pass model= and tokenizer=.")
+            raise ConfigError(f"{os.path.join(folder, CONFIG_NAME)} names no base model (base_model_name_or_path); pass model= and tokenizer=.")
         tokenizer, model = _load_causal(config.base_model_name_or_path)
     return IclClassifier(config, labels, model, tokenizer, pool)
 
