@@ -13,6 +13,19 @@ AdamW on the adapter weights (fp32, as both libraries keep them on a bf16 base):
 - peft_compile: the same under `torch.compile(model)`;
 - floor: the frozen base, forward + backward with input gradients only (embedding output requires grad, no adapter),
   HF's loss: what every LoRA step pays at least.
+- peftlab_qlora: peftlab's QLoRA (the 7 projections in NF4, double quant, blocksize 64, bf16 compute) with the
+  kernels enabled (the fused QLoRA node: Triton dequantisation just before each GEMM) and the chunked loss;
+- peft_qlora: HF PEFT's LoRA on bitsandbytes' Linear4bit (NF4, double quant, bf16 compute: BitsAndBytesConfig(
+  load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bf16)'s
+  layers), quantised in memory from the same random weights (the 7 projections replaced by Linear4bit, as
+  from_pretrained with that config would after loading; nothing written or downloaded), without
+  prepare_model_for_kbit_training (it would switch on gradient checkpointing and fp32 norms); HF's loss.
+  Needs bitsandbytes (a failed row with the reason where it is missing).
+  With peftlab and peftlab_qlora both run, a "QLoRA / LoRA step ratio" line follows the table (goal <= 1.3).
+- peftlab_dora: peftlab's DoRA (DoraConfig, same r, alpha, targets) with the kernels enabled (the fused DoRA node:
+  norm without W + s B A, m / n in the base GEMM's epilogue) and the chunked loss;
+- peft_dora: HF PEFT's LoraConfig(use_dora=True), HF's loss.
+  With peftlab and peftlab_dora both run, a "DoRA / LoRA step ratio" line follows (goal <= 1.15).
 Prints tokens/s, peak memory (CUDA: max_memory_allocated; CPU: max RSS), each setup's ratios to peft_eager, and MFU.
 
 MFU = model FLOPs per step / step time / peak FLOP/s, with model FLOPs counted as
@@ -36,7 +49,7 @@ import sys
 import time
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETUPS = ["peftlab", "peft_eager", "peft_compile", "floor"]
+SETUPS = ["peftlab", "peft_eager", "peft_compile", "floor", "peftlab_qlora", "peft_qlora", "peftlab_dora", "peft_dora"]
 SHAPES = {
     # Llama-3.2-1B: tied embeddings, head_dim 64.
     "1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -74,22 +87,50 @@ def model_flops(model, args, n_lora: int) -> float:
     return 4 * N * frozen + 6 * N * n_lora + attn
 
 
+def bnb_4bit(model, args):
+    """The model as from_pretrained(..., quantization_config=BitsAndBytesConfig(load_in_4bit=True,
+    bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=<dtype>)) would hold it: each
+    targeted nn.Linear replaced by bitsandbytes' Linear4bit, quantised from its weight in memory."""
+    import torch
+
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError, or a broken install
+        raise SystemExit(f"peft_qlora needs bitsandbytes, which cannot be imported ({type(exc).__name__}: {exc}); "
+                         "pip install bitsandbytes, or leave peft_qlora out of --setups.") from None
+    for name, module in list(model.named_modules()):
+        if name.rsplit(".", 1)[-1] not in TARGETS or type(module) is not torch.nn.Linear:
+            continue
+        q = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                              compute_dtype=getattr(torch, args.dtype), compress_statistics=True, quant_type="nf4",
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, blocksize=64, compress_statistics=True,
+                                     quant_type="nf4", module=q)
+        q.bias = module.bias
+        model.set_submodule(name, q.to(args.device))  # .to() quantises (Params4bit)
+    model.is_loaded_in_4bit = True  # what PEFT reads to wrap Linear4bit layers with its bnb LoRA layer
+    return model
+
+
 def run_setup(args) -> dict:
     import torch
     import torch.nn.functional as F
 
     model = build_model(args)
+    dense_flops = model_flops(model, args, 0)  # before quantisation hides the weights' shapes (qlora setups)
     dev = torch.device(args.device)
     if args.grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     setup = args.worker
     lm_head_weight = model.lm_head.weight
-    if setup == "peftlab":
+    if setup in ("peftlab", "peftlab_qlora", "peftlab_dora"):
         import peftlab.kernels
-        from peftlab import LoraConfig, get_peft_model
+        from peftlab import DoraConfig, LoraConfig, QLoraConfig, get_peft_model
 
-        wrapped = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+        config_cls = QLoraConfig if setup == "peftlab_qlora" else LoraConfig  # QLoRA: NF4, double quant, bs 64
+        config_cls = DoraConfig if setup == "peftlab_dora" else config_cls
+        wrapped = get_peft_model(model, config_cls(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
                                                    target_modules=TARGETS))
         peftlab.kernels.enable(wrapped, backend=args.backend)
         backbone = model.model
@@ -98,11 +139,14 @@ def run_setup(args) -> dict:
             hidden = backbone(input_ids=ids).last_hidden_state  # (B, T, d)
             targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # position t predicts labels[t + 1]
             return peftlab.kernels.chunked_linear_cross_entropy(hidden, lm_head_weight, targets, reduction="mean")
-    elif setup in ("peft_eager", "peft_compile"):
+    elif setup in ("peft_eager", "peft_compile", "peft_qlora", "peft_dora"):
         import peft
 
+        if setup == "peft_qlora":
+            model = bnb_4bit(model, args)
         wrapped = peft.get_peft_model(model, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank,
-                                                             lora_dropout=0.0, target_modules=TARGETS))
+                                                             lora_dropout=0.0, target_modules=TARGETS,
+                                                             use_dora=setup == "peft_dora"))
         fwd = torch.compile(wrapped) if setup == "peft_compile" else wrapped
 
         def loss_fn(ids, labels):
@@ -152,7 +196,7 @@ def run_setup(args) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB (Linux)
     step_s = elapsed / args.steps
     return {"setup": setup, "tokens_per_s": args.batch * args.seq / step_s, "step_s": step_s, "peak_gib": peak,
-            "loss": float(loss), "trainable": n_lora, "flops": model_flops(model, args, n_lora),
+            "loss": float(loss), "trainable": n_lora, "flops": dense_flops + 6 * args.batch * args.seq * n_lora,
             "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"}
 
 
@@ -219,9 +263,20 @@ def main(argv=None) -> int:
         mfu = f"{r['flops'] / r['step_s'] / (peak * 1e12):.1%}" if peak else "-"
         print(f"{r['setup']:<14}{r['tokens_per_s']:>12.1f}{r['peak_gib']:>10.2f}{speed:>9}{mem:>8}{mfu:>8}"
               f"{r['loss']:>9.3f}")
+    for setup in failed:
+        print(f"{setup:<14}  failed (the reason is on stderr above)")
+    by_setup = {r["setup"]: r for r in results}
+    for qlora, lora, goal in (("peftlab_qlora", "peftlab", " (goal <= 1.3x)"), ("peft_qlora", "peft_eager", "")):
+        if qlora in by_setup and lora in by_setup:
+            ratio = by_setup[qlora]["step_s"] / by_setup[lora]["step_s"]
+            print(f"QLoRA / LoRA step ratio, {qlora} / {lora}: {ratio:.2f}x{goal}")
+    for dora, lora, goal in (("peftlab_dora", "peftlab", " (goal <= 1.15x)"), ("peft_dora", "peft_eager", "")):
+        if dora in by_setup and lora in by_setup:
+            ratio = by_setup[dora]["step_s"] / by_setup[lora]["step_s"]
+            print(f"DoRA / LoRA step ratio, {dora} / {lora}: {ratio:.2f}x{goal}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"args": vars(args), "results": results}, fh, indent=1)
+            json.dump({"args": vars(args), "results": results, "failed": failed}, fh, indent=1)
     return 1 if failed else 0
 
 

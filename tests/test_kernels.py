@@ -18,7 +18,6 @@ Tolerances. Both sides see the same (rounded) inputs and accumulate dot products
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -31,24 +30,7 @@ from peftlab.kernels import (backend as backend_mod, chunked_linear_cross_entrop
                              fused_lora_linear, linear_cross_entropy_reference, lora_linear_reference, resolve)
 
 from .conftest import tiny_llama
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-needs_triton = pytest.mark.skipif(not (HAS_TRITON and INTERPRET),
-                                  reason="triton is not installed (pip install triton) or TRITON_INTERPRET!=1: the "
-                                         "Triton kernels are tested under the CPU interpreter")
-
-BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
-TOL = {torch.float32: dict(rtol=1e-5, scale=1e-5), torch.bfloat16: dict(rtol=2 ** -7, scale=2 ** -6)}
-
-
-def close(actual, expected, dtype, what):
-    tol = TOL[dtype]
-    atol = tol["scale"] * float(expected.detach().abs().max()) + 1e-12
-    torch.testing.assert_close(actual.detach().float(), expected.detach().float(), rtol=tol["rtol"], atol=atol,
-                               msg=lambda m: f"{what}: {m}")
+from .kernel_testing import BACKENDS, HAS_TRITON, close, logits_and_grads, needs_triton
 
 
 def lora_case(N=37, d_in=65, d_out=130, r=3, dtype=torch.float32, bias=True, lead=(), seed=0):
@@ -257,10 +239,7 @@ def test_enable_matches_plain_forward_and_gradients(backend):
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(1))
 
     def run():
-        model.zero_grad()
-        logits = model(input_ids=ids).logits
-        logits.square().mean().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return logits_and_grads(model, ids)
 
     plain_logits, plain_grads = run()
     layers = enable(model, backend=backend)

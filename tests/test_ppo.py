@@ -21,8 +21,9 @@ from peftlab.core.config import ConfigError, TaskType
 from peftlab.data import DataConfig, encode_rows
 from peftlab.train import build_run_config, load_run_config, train
 from peftlab.train.ppo import PPOTrainer, load_value_head, pad_rows, train_ppo
-from peftlab.train.ppo_math import (entropy_from_logits, gae, kl_penalty_rewards, last_attended_index,
-                                    logprobs_from_logits, policy_loss, response_mask, value_loss, whiten)
+from peftlab.train.ppo_math import (entropy_from_logits, gae, kl_penalty_rewards, logprobs_from_logits, policy_loss,
+                                    response_mask, value_loss, whiten)
+from peftlab.train.preference import last_attended_index
 
 from .conftest import save_tiny, tiny_tokenizer
 

@@ -4,6 +4,7 @@
 One kernel does every product the LoRA linear needs; what it computes is chosen by strides and flags:
 
     out (M, N) = X (M, K) @ Y (K, N)  [+ scale * L (M, R) @ Rt (R, N)]  [+ bias (N,)]
+    (with col_scale c (N,): out = c * (X @ Y [+ scale * L @ Rt]) [+ bias], the DoRA factor m / n; dora_linear.py)
 
 The bracketed low-rank term is the GEMM epilogue: after the K loop each (BM, BN) tile adds its slice of
 scale * L @ Rt, one (BM, R) x (R, BN) dot with R = r <= 256, before the single store. So
@@ -36,10 +37,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _gemm_lowrank_kernel(
-    x_ptr, y_ptr, l_ptr, r_ptr, bias_ptr, out_ptr,
+    x_ptr, y_ptr, l_ptr, r_ptr, bias_ptr, out_ptr, cs_ptr,
     M, N, K, R, scale,
     sxm, sxk, syk, syn, slm, slr, srr, srn, som, son,
     HAS_LOWRANK: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_COLSCALE: tl.constexpr,
     SPLIT_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -83,6 +85,8 @@ def _gemm_lowrank_kernel(
         ro = tl.load(r_ptr + rr[:, None] * srr + rn[None, :] * srn, mask=(rr[:, None] < R) & (rn[None, :] < N),
                      other=0.0).to(tl.float32)
         acc += scale * tl.dot(lo, ro, input_precision="ieee")
+    if HAS_COLSCALE:  # per-output-column factor (fp32), before the bias: linear, so also right under SPLIT_K
+        acc = acc * tl.load(cs_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
 
@@ -100,9 +104,10 @@ def _pow2_at_least(n: int, lo: int) -> int:
 
 def gemm_lowrank(x: torch.Tensor, y: torch.Tensor, *, low: torch.Tensor | None = None,
                  high: torch.Tensor | None = None, scale: float = 1.0, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, col_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) @ y (K, N) [+ scale * low (M, R) @ high (R, N)] [+ bias (N,)]; any strides (pass transposed views,
-    nothing is copied). Output dtype `out_dtype` (default x's), accumulated in fp32."""
+    nothing is copied). Output dtype `out_dtype` (default x's), accumulated in fp32. col_scale (N,), contiguous:
+    multiplies column j of the product (low-rank term included, bias not) by col_scale[j]."""
     M, K = x.shape
     K2, N = y.shape
     if K2 != K:
@@ -140,12 +145,14 @@ def gemm_lowrank(x: torch.Tensor, y: torch.Tensor, *, low: torch.Tensor | None =
     grid = (tiles, split_k)
     _gemm_lowrank_kernel[grid](
         x, y, low if has_low else dummy, high if has_low else dummy, bias if bias is not None else dummy, out,
+        col_scale if col_scale is not None else dummy,
         M, N, K, R, float(scale),
         x.stride(0), x.stride(1), y.stride(0), y.stride(1),
         low.stride(0) if has_low else 0, low.stride(1) if has_low else 0,
         high.stride(0) if has_low else 0, high.stride(1) if has_low else 0,
         out.stride(0), out.stride(1),
         HAS_LOWRANK=has_low, HAS_BIAS=bias is not None, UPCAST=upcast, IEEE=ieee, SPLIT_K=split_k,
+        HAS_COLSCALE=col_scale is not None,
         BM=BM, BN=BN, BK=BK, BR=_pow2_at_least(R, 16), GROUP_M=8,
         num_warps=8 if BM * BN >= 128 * 128 else 4, num_stages=3,
     )

@@ -32,6 +32,8 @@ them for F.linear) and the node itself runs with autocast off; the rank-r path s
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -127,14 +129,21 @@ OPS = {"torch": _TorchOps, "triton": _TritonOps}
 
 
 class LoraLinearFunction(torch.autograd.Function):
-    """One node for y = x W^T + b + s ((x * M) A^T) B^T; 2-D x. Saves x, u = x_d A^T (N, r) and M."""
+    """One node for y = x W^T + b + s ((x * M) A^T) B^T; 2-D x. Saves x, u = x_d A^T (N, r) and M.
+
+    W may also be a callable `dtype -> W (out, in)` (a frozen weight stored in another form, e.g. QLoRA's NF4 codes:
+    qlora_linear.py): it is called in forward, and again in backward for dx, and W itself is never saved."""
 
     @staticmethod
     def forward(ctx, x, W, b, A, B, scaling, mask, backend):
         ops = OPS[backend]
+        make_W = W if callable(W) else None  # (a tensor is not callable)
+        if make_W is not None:
+            W = make_W(x.dtype)
         y, u = ops.forward(x, W, b, A, B, scaling, mask)
-        ctx.save_for_backward(x, W, A, B, u, mask)
+        ctx.save_for_backward(x, None if make_W is not None else W, A, B, u, mask)
         ctx.scaling, ctx.ops, ctx.has_bias = scaling, ops, b is not None
+        ctx.make_W, ctx.b_dtype = make_W, None if b is None else b.dtype
         return y
 
     @staticmethod
@@ -145,6 +154,8 @@ class LoraLinearFunction(torch.autograd.Function):
         dy = dy.contiguous()
         dx = dW = db = dA = dB = None
         g = ops.low_rank_grad(dy, B) if (need_x or need_A) else None  # (N, r)
+        if need_x and ctx.make_W is not None:
+            W = ctx.make_W(x.dtype)  # rebuilt for dx, dropped after it
         if need_x:
             dx = ops.grad_input(dy, W, g, A, s, mask, x.dtype)
         if need_A:
@@ -154,7 +165,7 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_W:  # not LoRA's case (W frozen); kept so that a trainable base still gets its gradient
             dW = (dy.T @ x.to(dy.dtype)).to(W.dtype)
         if need_b and ctx.has_bias:
-            db = dy.sum(0).to(W.dtype)
+            db = dy.sum(0).to(ctx.b_dtype)
         return dx, dW, db, dA, dB, None, None, None
 
 
@@ -171,22 +182,21 @@ def fused_lora_linear(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, 
         raise ValueError(f"lora_linear: dropout_mask has shape {tuple(dropout_mask.shape)}, x has "
                          f"{tuple(x.shape)}; pass the mask of x itself (nn.Dropout's x * mask).")
     lead = x.shape[:-1]
-    device_type = x.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if autocast:
-        dtype = torch.get_autocast_dtype(device_type)
-        x, W = x.to(dtype), W.to(dtype)
-        b = b.to(dtype) if b is not None else None
+    x, W, b, node_context = autocast_inputs(x, W, b)
     x2 = x.reshape(-1, in_features)
     mask2 = dropout_mask.reshape(-1, in_features) if dropout_mask is not None else None
-    with torch.autocast(device_type, enabled=False) if autocast else _nullcontext():
+    with node_context:
         y = LoraLinearFunction.apply(x2, W, b, A, B, float(scaling), mask2, which)
     return y.reshape(*lead, W.shape[0])
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+def autocast_inputs(x: torch.Tensor, W: torch.Tensor | None, b: torch.Tensor | None):
+    """(x, W, b, context) for running a fused node: under torch.autocast, x, W and b cast to the autocast dtype (as
+    autocast casts F.linear's inputs; W None: left as is) and a context that turns autocast off inside the node, so
+    its rank-r path stays in the adapter's dtype; otherwise the inputs unchanged and a context that does nothing."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, W, b, contextlib.nullcontext()
+    dtype = torch.get_autocast_dtype(device_type)
+    return (x.to(dtype), W.to(dtype) if W is not None else None, b.to(dtype) if b is not None else None,
+            torch.autocast(device_type, enabled=False))

@@ -35,12 +35,14 @@ from ..core.config import ConfigError
 from ..core.method import method_for_config
 from ..core.model import PeftModel, get_peft_model
 from ..data import Collator, encode_rows, example_length, load_splits
+from ..io.atomic import atomic_write_text
 from .model_loading import load_tokenizer_and_model
 from .sources import resolve_shipped
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .model_card import write_model_card
 from .prepare import PrepareRun
+from .lm_loss import describe_lm_loss
 from .tasks import TASK_TABLE, Task, summarise_eval
 
 
@@ -171,6 +173,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg.scheduler, warmup, self.total_steps))
         self.model, self.optimizer = self.accelerator.prepare(self.peft_model, self.optimizer)
+        if self.task.chunkable:  # train.chunked_loss: say which loss runs (and fail now if `on` cannot be exact)
+            probe = self._to_device(self.collator(self.train_examples[:1]))["input_ids"]
+            self.log(describe_lm_loss(self.peft_model, self.cfg.chunked_loss, probe))
         self.state = RunState()
         self._perms: dict[int, torch.Tensor] = {}
 
@@ -355,8 +360,12 @@ class Trainer:
         if main:
             self.peft_model.save_pretrained(result["adapter_dir"])
             write_model_card(result["adapter_dir"], self.run, result)
-            with open(os.path.join(cfg.output_dir, "run_config.yaml"), "w", encoding="utf-8") as fh:
-                yaml.safe_dump(self.run.to_dict(), fh, sort_keys=False)
+            saved = self.run.to_dict()
+            if self.label_names and saved["data"].get("labels") is None:
+                # The label set found in the data, in class-id order: the run folder alone then says which head
+                # output is which label (TextClassifier.from_run reads it; the adapter files do not hold names).
+                saved["data"]["labels"] = list(self.label_names)
+            atomic_write_text(os.path.join(cfg.output_dir, "run_config.yaml"), yaml.safe_dump(saved, sort_keys=False))
         acc.wait_for_everyone()
         return result
 

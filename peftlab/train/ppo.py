@@ -54,14 +54,15 @@ from torch import nn
 from ..core.config import ConfigError, TaskType
 from ..core.method import _no_prepare
 from ..core.model import PeftModel, get_peft_model, read_config
-from ..data import DataConfig, DataError, encode_rows
+from ..data import DataConfig, DataError
 from ..io import adapter_files
 from ..io.atomic import atomic_write_text
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .model_loading import load_tokenizer_and_model
 from .ppo_config import PPOConfig
-from .ppo_math import (entropy_from_logits, gae, kl_penalty_rewards, last_attended_index, logprobs_from_logits,
-                       masked_mean, policy_loss, response_mask, value_loss, whiten)
+from .ppo_math import (entropy_from_logits, gae, kl_penalty_rewards, logprobs_from_logits, masked_mean, policy_loss,
+                       response_mask, value_loss, whiten)
+from .preference import last_attended_index, scoring_batch
 from .sources import resolve_shipped
 
 POLICY, REWARD = "policy", "reward"
@@ -433,8 +434,7 @@ class PPOTrainer:
                 raise ValueError(f"reward_fn returned {scores.numel()} values for {len(prompts)} rollouts; return "
                                  "one float per rollout.")
             return scores
-        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, texts)]
-        encoded = encode_rows(rows, "sft", self.tokenizer, self.reward_data)
+        encoded = scoring_batch(list(prompts), texts, self.tokenizer, self.reward_data)
         ids, attn = pad_rows([e["input_ids"] for e in encoded], self.pad_id, left=False)
         ids, attn = ids.to(self.device), attn.to(self.device)
         self.peft_model.set_adapter(REWARD)

@@ -48,13 +48,6 @@ def response_mask(response_ids: torch.Tensor, eos_ids: list[int] | int) -> torch
     return (seen_before == 0).float()
 
 
-def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) index of the last position whose attention mask is 1: where the reward model reads its score. From the
-    mask, not from pad ids: when the pad token is also EOS (SmolLM2), an EOS ending a row is a real token."""
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-    return (positions * (attention_mask != 0)).argmax(dim=1)
-
-
 def logprobs_from_logits(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[token]: (B, T, V) logits and (B, T) token ids -> (B, T), in fp32.
     Via cross-entropy, which does not keep a second (B, T, V) tensor of log-probabilities."""

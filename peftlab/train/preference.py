@@ -193,10 +193,31 @@ def last_token_scores(head_output: torch.Tensor, attention_mask: torch.Tensor) -
                           "num_labels=1 (the reward task does).")
     if head_output.dim() == 2:
         return head_output[:, 0].float()
-    mask = attention_mask.to(torch.long)
-    n, t = mask.shape
-    last = (torch.arange(t, device=mask.device) * mask).argmax(-1) + (head_output.shape[1] - t)  # (N,)
+    n, t = attention_mask.shape
+    last = last_attended_index(attention_mask) + (head_output.shape[1] - t)  # (N,)
     return head_output[torch.arange(n, device=head_output.device), last.to(head_output.device), 0].float()
+
+
+def last_attended_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N,) index of the last position whose attention mask is 1: where a reward model reads its score (training,
+    RewardModel and PPO's reward adapter all read it here). From the mask, not from pad ids: when the pad token is
+    also EOS (SmolLM2), an EOS ending a row is a real token."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * (attention_mask != 0)).argmax(dim=1)
+
+
+def scoring_batch(prompts: list[str], responses: list[str], tokenizer, data: DataConfig) -> list[dict]:
+    """Token ids of prompt + response per pair of texts, encoded as the reward task encodes each side of a pair (an
+    sft prompt/response row: chat template or data.prompt_template, data.max_length; a prompt that does not fit
+    loses its start). One encoder for RewardModel and PPO's reward adapter, so their scores cannot drift apart."""
+    if isinstance(prompts, str) or isinstance(responses, str) or len(prompts) != len(responses):
+        raise ValueError("Reward scoring: give two lists of texts of the same length (prompts, responses); got "
+                         f"{type(prompts).__name__} and {type(responses).__name__}"
+                         + (f" of lengths {len(prompts)} and {len(responses)}." if not isinstance(prompts, str)
+                            and not isinstance(responses, str) else "."))
+    # The rows are built here, never read from files, so skipping or packing them would only misalign scores.
+    data = dataclasses.replace(data, skip_bad_rows=False, packing=False)
+    return encode_rows([{"prompt": p, "response": r} for p, r in zip(prompts, responses)], "sft", tokenizer, data)
 
 
 def sequence_scores(model: nn.Module, peft_model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -241,8 +262,7 @@ class RewardModel:
                  autocast_dtype: torch.dtype | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        # The rows are built here, never read from files, so skipping or packing them would only misalign scores.
-        self.data = dataclasses.replace(data, skip_bad_rows=False, packing=False)
+        self.data = data
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
         self.autocast_dtype = autocast_dtype
@@ -253,16 +273,9 @@ class RewardModel:
         """Load the base model and reward adapter of a `peftlab train` run with task reward: `run_dir` holds
         run_config.yaml and adapter/ (or give `adapter_dir`, e.g. a checkpoint's adapter). kwargs: device,
         autocast_dtype."""
-        from .config import load_run_config
+        from .config import load_finished_run
 
-        path = os.path.join(run_dir, "run_config.yaml")
-        if not os.path.isfile(path):
-            raise ConfigError(f"RewardModel.from_run: {run_dir} has no run_config.yaml; give the output folder of a "
-                              "`peftlab train` run with task: reward (or use RewardModel.from_pretrained).")
-        run = load_run_config(path)
-        if run.task != "reward":
-            raise ConfigError(f"RewardModel.from_run: {run_dir} is a {run.task!r} run; a reward model comes from a run "
-                              "with task: reward.")
+        run = load_finished_run(run_dir, "reward", "RewardModel.from_run")
         return cls.from_pretrained(run.model, adapter_dir or os.path.join(run_dir, "adapter"), data=run.data, **kwargs)
 
     @classmethod
@@ -273,17 +286,14 @@ class RewardModel:
         from ..core.model import PeftModel
         from .model_loading import load_tokenizer_and_model
 
-        tokenizer, base = load_tokenizer_and_model(model, "AutoModelForSequenceClassification", ["reward"])
+        tokenizer, base = load_tokenizer_and_model(model, "AutoModelForSequenceClassification", ["reward"],
+                                                   announce_head=False)
         peft_model = PeftModel.from_pretrained(base, adapter_dir)
         return cls(peft_model, tokenizer, data or DataConfig(train_file="(scoring only)"), **kwargs)
 
     def encode(self, prompts: list[str], responses: list[str]) -> list[dict]:
         """Token ids of prompt + response per pair of texts, as training encoded each side of a pair."""
-        if isinstance(prompts, str) or isinstance(responses, str) or len(prompts) != len(responses):
-            raise ValueError("RewardModel: give two lists of texts of the same length (prompts, responses); got "
-                             f"{type(prompts).__name__} and {type(responses).__name__}.")
-        rows = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
-        return encode_rows(rows, "sft", self.tokenizer, self.data)
+        return scoring_batch(prompts, responses, self.tokenizer, self.data)
 
     def score_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Scores (N,) of a right-padded batch {"input_ids", "attention_mask"} (gradients follow torch's grad mode)."""
@@ -311,5 +321,6 @@ class RewardModel:
 
 
 __all__ = ["DPO_LOSSES", "PREFERENCE_TASKS", "PreferenceConfig", "RewardModel", "dpo_forward", "dpo_loss", "ipo_loss",
-           "last_token_scores", "pair_sums", "reference_logprobs", "reward_forward", "reward_pair_loss", "score_head",
-           "sequence_logprobs", "sequence_scores", "sigmoid_dpo_loss"]
+           "last_attended_index", "last_token_scores", "pair_sums", "reference_logprobs", "reward_forward",
+           "reward_pair_loss", "score_head", "scoring_batch", "sequence_logprobs", "sequence_scores",
+           "sigmoid_dpo_loss"]

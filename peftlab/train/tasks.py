@@ -8,7 +8,8 @@ batch would.
 The loop calls `task.forward(model, peft_model, batch, run) -> TaskOutput` for every batch, in training and
 evaluation. Most tasks are a function of one forward's logits (`loss_sum(logits, batch)`); a task that needs more
 (reward: the head's output at the last real token; dpo: a second forward with the adapters disabled) gives
-`compute` instead (see preference.py).
+`compute` instead (see preference.py). The next-token tasks (causal_lm, sft) compute their loss from the last hidden
+states in chunks when train.chunked_loss allows it (lm_loss.py), and then return no logits.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.config import TaskType
+from .lm_loss import chunked_lm_loss_sum, chunked_loss_plan, lm_targets
 from .preference import dpo_forward, pair_sums, reward_forward
 
 
@@ -33,18 +35,9 @@ def lm_loss_sum(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[t
     """Next-token cross-entropy summed over tokens whose label is not -100.
     Packed rows: a token at position 0 starts a new example and is never a target (as in an unpacked row,
     whose first token has no predecessor), so the last token of one example never learns to predict the next."""
-    labels = batch["labels"]
-    if "position_ids" in batch:
-        labels = labels.masked_fill(batch["position_ids"] == 0, -100)
-    # Shift the labels, not the logits: position t predicts labels[t + 1]. Slicing logits[:, :-1] would copy the
-    # whole (B, T, V) tensor (e.g. 4 x 128 x 49152 fp32 = 100 MB per step); padding labels costs nothing.
-    targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
-    # Prompt tuning / P-tuning put `extra` virtual tokens first, so the logits are (B, extra + T, V) (PEFT's layout):
-    # they predict nothing and real position t still predicts labels[t + 1], so the targets get `extra` leading
-    # -100s (no copy of the logits). The first real token stays untargeted, as count_lm_units counts.
-    extra = logits.shape[1] - targets.shape[1]
-    if extra > 0:
-        targets = F.pad(targets, (extra, 0), value=-100)  # (B, extra + T)
+    # (B, extra + T): extra > 0 when prompt tuning / P-tuning put virtual tokens first (lm_loss.lm_targets). The
+    # labels are shifted, not the logits: slicing logits[:, :-1] would copy the whole (B, T, V) tensor.
+    targets = lm_targets(batch, logits.shape[1])
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                            reduction="sum")
     return loss, int((targets != -100).sum())
@@ -92,7 +85,8 @@ class TaskOutput:
     units: int
     """The number of units (tokens, examples, pairs) in the sum."""
     logits: torch.Tensor | None = None
-    """The forward's logits, for tasks computed from one forward (classify reads its predictions here)."""
+    """The forward's logits, for tasks computed from one forward (classify reads its predictions here); None when
+    the loss was computed without them (train.chunked_loss)."""
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per-unit statistics summed over the batch (e.g. pairs ranked right); evaluation reports each / units."""
 
@@ -119,11 +113,20 @@ class Task:
     reference_is_base: bool = False
     """The task compares against the base model with adapters disabled (dpo): adapters that change base weights in
     place (full, bitfit, bias != "none", Delta-LoRA) would move that reference, so the loop refuses them."""
+    chunkable: bool = False
+    """loss_sum is next-token cross-entropy over the lm_head's logits, so train.chunked_loss may compute it from the
+    last hidden states in chunks, without the (tokens x vocab) logits (lm_loss.py)."""
 
     def forward(self, model, peft_model, batch: dict[str, torch.Tensor], run) -> TaskOutput:
         """The task's loss on one batch (see the module docstring)."""
         if self.compute is not None:
             return self.compute(model, peft_model, batch, run)
+        if self.chunkable:
+            mode = getattr(getattr(run, "train", None), "chunked_loss", "auto")
+            plan = chunked_loss_plan(peft_model, mode, batch["input_ids"])
+            if plan is not None:
+                total, units = chunked_lm_loss_sum(model, peft_model, plan, model_inputs(batch), batch)
+                return TaskOutput(total, units)
         logits = model(**model_inputs(batch)).logits
         total, units = self.loss_sum(logits, batch)
         return TaskOutput(total, units, logits)
@@ -140,8 +143,10 @@ def dpo_compute(model, peft_model, batch: dict[str, torch.Tensor], run) -> TaskO
 
 
 TASK_TABLE = {
-    "causal_lm": Task("causal_lm", "AutoModelForCausalLM", TaskType.CAUSAL_LM, lm_loss_sum, count_lm_units, "token"),
-    "sft": Task("sft", "AutoModelForCausalLM", TaskType.CAUSAL_LM, lm_loss_sum, count_lm_units, "token"),
+    "causal_lm": Task("causal_lm", "AutoModelForCausalLM", TaskType.CAUSAL_LM, lm_loss_sum, count_lm_units, "token",
+                      chunkable=True),
+    "sft": Task("sft", "AutoModelForCausalLM", TaskType.CAUSAL_LM, lm_loss_sum, count_lm_units, "token",
+                chunkable=True),
     "classify": Task("classify", "AutoModelForSequenceClassification", TaskType.SEQ_CLS, classify_loss_sum,
                      count_examples, "example", classifies=True),
     # One score per sequence from a one-output head (trained and saved with the adapter via modules_to_save).

@@ -33,6 +33,12 @@ Layouts (the norm is always over the input side, one value per output unit):
 - Conv2d (W (out, in, kh, kw), A a conv into r channels, B (out, r, 1, 1)): n over (in, kh, kw), m and n stored
   (1, out, 1, 1) as PEFT stores them, broadcasting over (N, out, H, W).
 
+Fast path: `peftlab.kernels.enable(model)` sets `kernel_backend` on DoraLinear as on LoraLinear; then, where it is
+exactly this forward (one live adapter, none merged, no dropout at work, a plain nn.Linear base, no extra forward
+arguments), DoraLinear runs `peftlab.kernels.fused_dora_linear`: y = (m / n) * (x W^T + s (x A^T) B^T) + b as one
+autograd node, with n from ||W||^2, W A^T and A A^T instead of the (out, in) W + s B A (kernels/dora_linear.py).
+Everywhere else, and with the switch off, the plain forward below runs, unchanged.
+
 Merging writes W' = (m / n) * (W + s B A) (the factor applied per output unit), with n computed from the unmerged
 base weight as forward computes it; unmerging inverts it, W = W' / (m / n) - s B A, with the n used at merge time
 kept (a vector of `out` floats per merged adapter, PEFT caches the same) because W' no longer gives it back.
@@ -47,6 +53,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...kernels.dora_linear import fused_dora_linear
+from ...kernels.switch import fused_adapter
 from ..lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 
 
@@ -180,6 +188,22 @@ class DoraLinear(DoraLayer, LoraLinear):
     """DoRA on nn.Linear (W (out, in)) and transformers' Conv1D (W stored (in, out)); m (out,)."""
 
     adapter_containers = LoraLinear.adapter_containers + ("lora_magnitude_vector", "merge_norms")
+
+    def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
+        """The adapter the fused DoRA node can run alone, or None: kernels/switch.py's conditions for the fused LoRA
+        linear (switch on, no extra arguments, plain nn.Linear base, one live adapter, no dropout at work), and no
+        adapter merged (forward's n is that of the unmerged weight, which the base layer then no longer holds)."""
+        if self.merged_adapters or type(self.base_layer) is not nn.Linear or self.fan_in_fan_out:
+            return None
+        return fused_adapter(self, args, kwargs)  # with dropout at work the plain path (PEFT's form) runs
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fused_adapter(args, kwargs) if self.kernel_backend is not None else None
+        if name is not None:
+            base = self.base_layer
+            return fused_dora_linear(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                     self.magnitude(name), self.scaling[name], backend=self.kernel_backend)
+        return super().forward(x, *args, **kwargs)  # DoraLayer's plain forward
 
     def _rows(self, weight):
         return weight.T if self.fan_in_fan_out else weight

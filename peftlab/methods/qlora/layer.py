@@ -18,6 +18,17 @@ with bitsandbytes'; on SmolLM2 with every linear layer adapted a training step (
 kernels) or 1.06-1.19x (bitsandbytes') the time of LoRA on the fp32 base in two runs of benchmarks/qlora_memory.py on
 a shared 2-core machine.
 
+Fast path. `peftlab.kernels.enable(model, backend)` switches QLoraLinear, like LoraLinear, onto one fused autograd
+node (kernels/qlora_linear.py): W_hat is dequantised just before the base GEMM (Triton: kernels/nf4_dequant.py, one
+pass from the codes to the compute dtype, then the GEMM with the low-rank term in its epilogue), and again for dx in
+backward; the node keeps x and the (N, r) product x A^T only, not the fp32 copy of x that the plain path's A matmul
+keeps. Same numbers as the plain path (the torch backend bit for bit in forward). It runs where kernels/switch.py's
+conditions hold (one live adapter, no dropout at work) and `QLoraLinear.fused_base_forward`'s: the base is this
+layer's NF4 base (not merged, not Conv1D), compute_dtype is "auto" or the input's dtype, and backend is not
+"bitsandbytes": an explicit request for bitsandbytes' kernels keeps the plain path, which runs them. (With "auto" the
+torch backend dequantises through `NF4Linear.dequantized_weight`, i.e. bitsandbytes where the layer picks it, which it
+does only where it reproduces nf4.py bit for bit; the triton backend always uses peftlab's kernel.)
+
 Merging (`merge_adapter`, `merge_and_unload`): W_hat + s B A is computed in fp32 and the layer's base becomes a plain
 nn.Linear (Conv1D) holding it in the base weight's original dtype: the merged model is NOT re-quantised (re-quantising
 would round most of the update away: its entries are far below the NF4 steps of 0.08-0.28 x the block's absmax), so
@@ -45,6 +56,7 @@ from torch import nn
 from ...core.config import ConfigError
 from ...core.layer import linear_shape
 from ...core.targets import Conv1D
+from ...kernels.qlora_linear import fused_qlora_linear
 from ..lora.layer import LoraLayer, LoraLinear
 from . import bnb
 from .nf4 import NF4State, dequantize_nf4, nf4_nbytes, quantize_nf4
@@ -254,6 +266,20 @@ class QLoraLinear(LoraLinear):
         for module in self.set_aside:
             module._apply(fn, recurse)
         return self
+
+    def fused_base_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """This layer's output through the fused QLoRA node, or None (the plain forward runs). kernels/switch.py calls
+        it once its own conditions hold (kernels enabled, one live adapter `adapter_name`, no dropout at work, no extra
+        arguments); None here where the node would not compute this forward, or was not asked for (module docstring):
+        base not the NF4 base or a Conv1D one, backend="bitsandbytes", compute_dtype other than "auto" and x's."""
+        base = self.base_layer
+        if not isinstance(base, NF4Linear) or base.fan_in_fan_out or base.backend == "bitsandbytes":
+            return None
+        if base.compute_dtype != "auto" and COMPUTE_DTYPES[base.compute_dtype] != x.dtype:
+            return None  # the plain path casts x to compute_dtype for the base GEMM only, the adapter sees x itself
+        return fused_qlora_linear(x, base.weight, base.state(), base.bias, self.lora_A[adapter_name].weight,
+                                  self.lora_B[adapter_name].weight, self.scaling[adapter_name],
+                                  backend=self.kernel_backend, dequantize=base.dequantized_weight)
 
     def _make_pair(self, r, dtype, device):
         # fp32 adapters whatever the base holds (LoRA's rule reads the base weight's dtype, here uint8 codes).
