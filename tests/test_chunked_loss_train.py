@@ -381,3 +381,25 @@ def test_two_processes_with_the_chunked_loss_match_one_with_full_logits(tmp_path
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
 
+
+
+def test_first_use_inside_autocast_probes_in_fp32_and_matches_the_full_logits():
+    """Under bf16 autocast (the GPU training case; CPU autocast here) the first chunked forward runs the probe inside
+    the caller's autocast: both of the probe's sides must still be fp32, or a bf16 rounding reads as a logit change
+    and `on` refuses a plain Llama. The chunked loss and LoRA gradients then match the full logits' under the same
+    autocast (both round the same bf16 hidden states; the tolerance allows the different fp32 summation order)."""
+    batch = _batch("causal_lm", packing=False)
+
+    def loss_and_grads(pm, mode):
+        pm.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = TASK_TABLE["causal_lm"].forward(pm, pm, batch, _run(mode))
+        out.loss_sum.backward()
+        return out, {n: p.grad.clone() for n, p in pm.named_parameters() if "lora_" in n}
+
+    full, full_grads = loss_and_grads(_lora("llama", train_head=False), "off")
+    chunked, chunked_grads = loss_and_grads(_lora("llama", train_head=False), "on")  # a fresh model: first use
+    assert chunked.logits is None and chunked.units == full.units
+    torch.testing.assert_close(chunked.loss_sum, full.loss_sum, rtol=1e-4, atol=1e-4)
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-3, atol=1e-4, msg=name)

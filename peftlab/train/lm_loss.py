@@ -169,7 +169,7 @@ def _probe(peft_model, plan: ChunkedPlan, input_ids: torch.Tensor) -> str | None
             hidden.shape[-1] != plan.head.in_features:
         return (f"with the lm_head replaced the forward returns {tuple(getattr(hidden, 'shape', ()))}, not the hidden "
                 f"states of the {tuple(logits.shape[:-1])} positions the logits have")
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):  # as the forwards above: fp32 both sides
         again = F.linear(hidden.to(plan.head.weight.dtype), plan.head.weight, plan.head.bias).float()
     logits = logits.float()
     diff = float((again - logits).abs().max()) / max(1.0, float(logits.abs().max()))
