@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 # Triton kernels (peftlab/kernels) are tested on CPU under Triton's interpreter. Triton reads TRITON_INTERPRET when it
 # is first imported, and transformers imports it below, so it must be set here, before anything else.
@@ -126,6 +127,16 @@ def run_config(model_dir, task, train_file, out, method=None, **train_opts):
         "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 4, "max_steps": 12, "log_every": 1,
                   "progress": False, "tensorboard": False, "precision": "fp32", **train_opts},
     })
+
+
+@pytest.fixture
+def quiet_warnings():
+    """Warnings off for one test: for test files that compare against HF PEFT and transformers, whose expected
+    notes (Conv1D fan_in_fan_out, deprecations, ...) would bury the report. A file opts in with
+    `pytestmark = pytest.mark.usefixtures("quiet_warnings")` and says which warnings it expects beside it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 @pytest.fixture(scope="module")

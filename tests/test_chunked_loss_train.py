@@ -348,38 +348,17 @@ def test_bad_chunked_loss_values_are_named(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_the_chunked_loss_match_one_with_full_logits(tmp_path):
-    import subprocess
-    import sys
-
-    from .test_distributed import HERE, _free_port
-    from .test_distributed import _losses as losses_of
+    from .test_distributed import assert_two_processes_match_one
 
     model_dir = save_tiny(tmp_path / "llama", "llama")
     (tmp_path / "corpus.txt").write_text("\n\n".join(sentences(48)))
-    config = {"model": model_dir, "task": "causal_lm",
-              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-              "data": {"train_file": str(tmp_path / "corpus.txt"), "eval_fraction": 0.2, "max_length": 32},
-              "train": {"lr": 1e-2, "max_steps": 4, "log_every": 1, "progress": False, "tensorboard": False,
-                        "precision": "fp32"}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    script = os.path.join(HERE, "dist_train_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    one = tmp_path / "one"
-    subprocess.run([sys.executable, script, str(path), f"train.output_dir={one}", "train.batch_size=8",
-                    "train.chunked_loss=off"], check=True, env=env, capture_output=True)
-    two = tmp_path / "two"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    proc = subprocess.run(launch + [script, str(path), f"train.output_dir={two}", "train.batch_size=4",
-                                    "train.chunked_loss=on"], env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(losses_of(two)), torch.tensor(losses_of(one)), rtol=1e-5, atol=1e-6)
-    a = load_file(os.path.join(one, "adapter", "adapter_model.safetensors"))
-    b = load_file(os.path.join(two, "adapter", "adapter_model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_two_processes_match_one(tmp_path, {
+        "model": model_dir, "task": "causal_lm",
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train_file": str(tmp_path / "corpus.txt"), "eval_fraction": 0.2, "max_length": 32},
+        "train": {"lr": 1e-2, "max_steps": 4, "log_every": 1, "progress": False, "tensorboard": False,
+                  "precision": "fp32"}},
+        one_overrides=["train.chunked_loss=off"], two_overrides=["train.chunked_loss=on"])
 
 
 

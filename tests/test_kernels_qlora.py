@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
-import warnings
 
 import pytest
 import torch
@@ -37,11 +36,7 @@ from .conftest import tiny_gpt2, tiny_llama
 from .kernel_testing import BACKENDS, close, logits_and_grads, needs_triton
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def quantised(shape, blocksize=64, double_quant=True, dq_blocksize=256, seed=0):

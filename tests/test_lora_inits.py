@@ -14,7 +14,6 @@ Invariants checked:
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import peft as hf
 import pytest
@@ -32,11 +31,8 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():  # PEFT warns about Conv1D fan_in_fan_out
-        warnings.simplefilter("ignore")
-        yield
+# PEFT warns about Conv1D fan_in_fan_out
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def pair(kind: str, seed: int = 0, **cfg):

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -35,11 +34,8 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():  # PEFT's Conv1D fan_in_fan_out notes, transformers' deprecations
-        warnings.simplefilter("ignore")
-        yield
+# PEFT's Conv1D fan_in_fan_out notes, transformers' deprecations
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def _pair(kind, **cfg):

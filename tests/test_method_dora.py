@@ -14,7 +14,6 @@ Invariants checked:
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -35,11 +34,8 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():  # PEFT warns about Conv1D fan_in_fan_out and saved embedding layers
-        warnings.simplefilter("ignore")
-        yield
+# PEFT warns about Conv1D fan_in_fan_out and saved embedding layers
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def build(kind: str) -> nn.Module:

@@ -15,7 +15,6 @@ Invariants checked:
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -37,12 +36,8 @@ TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # PEFT warns about Conv1D's fan_in_fan_out and that IA3 unmerging is inexact; both expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# PEFT warns about Conv1D's fan_in_fan_out and that IA3 unmerging is inexact; both expected here.
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def base(kind):

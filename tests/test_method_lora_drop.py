@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from fractions import Fraction
 from types import SimpleNamespace
 
@@ -39,11 +38,8 @@ TIGHT = dict(rtol=1e-5, atol=1e-6)
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():  # transformers' and PEFT's notes, irrelevant here
-        warnings.simplefilter("ignore")
-        yield
+# transformers' and PEFT's notes, irrelevant here
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def _model(targets=ALL_ATTN, **cfg):

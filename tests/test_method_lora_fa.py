@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -33,11 +32,7 @@ from peftlab.methods.lora_fa import LoraFaConfig, LoraFaFunction, LoraFaLinear
 from .conftest import BUILDERS, model_inputs, output_of
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def fa_model(kind="llama", **cfg):

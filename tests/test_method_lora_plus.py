@@ -14,7 +14,6 @@ Invariants checked:
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -30,11 +29,7 @@ from peftlab.train import Trainer, build_run_config, load_run_config
 from .conftest import BUILDERS, model_inputs, output_of, save_tiny
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def lr_by_name(model, groups) -> dict[str, float]:

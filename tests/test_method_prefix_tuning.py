@@ -16,7 +16,6 @@ Invariants checked:
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -31,11 +30,7 @@ from .test_method_prompt_tuning import (TASK, TIGHT, WEIGHTS, build, file_shapes
                                         peft_file_config_keys)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def ours(kind="llama", **cfg):

@@ -17,7 +17,6 @@ Invariants checked:
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -39,12 +38,8 @@ TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # PEFT warns about position ids and duplicated modules_to_save; transformers about inputs_embeds + padding.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# PEFT warns about position ids and duplicated modules_to_save; transformers about inputs_embeds + padding.
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def tiny_llama_cls(seed: int = 0) -> LlamaForSequenceClassification:

@@ -52,11 +52,7 @@ BNB = bnb.import_error() is None
 needs_bnb = pytest.mark.skipif(not BNB, reason=f"bitsandbytes is not importable here ({bnb.import_error()})")
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def _weights(shape, seed=0, dtype=torch.float32, std=0.05):

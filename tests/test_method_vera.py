@@ -15,7 +15,6 @@ Invariants checked:
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -35,12 +34,8 @@ TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
 WEIGHTS = "adapter_model.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # PEFT warns about save_projection=False and Conv1D's fan_in_fan_out; both expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# PEFT warns about save_projection=False and Conv1D's fan_in_fan_out; both expected here.
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def ours(kind="llama", **cfg):

@@ -13,7 +13,6 @@ Every model is a tiny one built from a config (tests/conftest.py); nothing is do
 from __future__ import annotations
 
 import json
-import warnings
 
 import peft as hf
 import pytest
@@ -31,12 +30,8 @@ WEIGHTS = "adapter_model.safetensors"
 TIGHT = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    # PEFT warns about Conv1D fan_in_fan_out and saved embeddings; those are expected here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# PEFT warns about Conv1D fan_in_fan_out and saved embeddings; those are expected here.
+pytestmark = pytest.mark.usefixtures("quiet_warnings")
 
 
 def conv_input() -> torch.Tensor:

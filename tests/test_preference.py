@@ -363,35 +363,16 @@ def test_gradient_accumulation_equals_one_big_batch_of_pairs(task, llama_dir, tm
 def test_two_processes_match_one_process_with_the_same_global_batch_of_pairs(task, tmp_path):
     """DDP: the scoring head's hook and the reference forward (on the unwrapped model, without gradients) give
     the one-process losses and adapter."""
-    import subprocess
-    import sys
-
-    from .test_distributed import HERE, _free_port, _losses
+    from .test_distributed import assert_two_processes_match_one
 
     model_dir = save_tiny(tmp_path / "llama", "llama")
-    config = {"model": model_dir, "task": task,
-              "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
-              "data": {"train_file": write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(48)), "eval_fraction": 0.2,
-                       "max_length": 32},
-              "train": {"lr": 1e-2, "max_steps": 4, "log_every": 1, "progress": False, "tensorboard": False,
-                        "precision": "fp32"}}
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(config))
-    script = os.path.join(HERE, "dist_train_script.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(HERE)}
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, script, str(path), f"train.output_dir={one}", "train.batch_size=8"],
-                   check=True, env=env, capture_output=True)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
-    proc = subprocess.run(launch + [script, str(path), f"train.output_dir={two}", "train.batch_size=4"],
-                          env=env, capture_output=True, text=True, timeout=500)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(_losses(two)), torch.tensor(_losses(one)), rtol=1e-5, atol=1e-6)
-    a, b = _adapter(one), _adapter(two)
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_two_processes_match_one(tmp_path, {
+        "model": model_dir, "task": task,
+        "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        "data": {"train_file": write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(48)), "eval_fraction": 0.2,
+                 "max_length": 32},
+        "train": {"lr": 1e-2, "max_steps": 4, "log_every": 1, "progress": False, "tensorboard": False,
+                  "precision": "fp32"}})
 
 
 # ---- bad rows and bad options -----------------------------------------------------------------------------------
