@@ -1,12 +1,11 @@
 """The language-modelling loss without the (tokens x vocab) logits: train.chunked_loss.
 
 HF's causal LMs compute logits = lm_head(h) for every position, (B, T, V), and the loss then takes a fp32 copy and,
-in backward, a fp32 gradient of the same size: for SmolLM2 (V = 49152) at 8 x 1024 tokens that is 0.8 + 1.6 + 1.6 GB.
-Measured on CPU, fp32, SmolLM2's widths with 2 layers, LoRA, 4 x 1024 tokens, one forward + backward: peak RSS
-3.19 GiB above the model with the full logits, 1.17 GiB chunked. The chunked path runs the same forward with the lm_head
-replaced by a stand-in that returns its input, so `.logits` of the output are the last hidden states h (B, T, d),
-and computes sum_t CE(W h_t + b, y_t) with peftlab.kernels.chunked_ce, one chunk of target rows at a time (512 MiB
-of fp32 logits: 2,688 rows at V = 49152).
+in backward, a fp32 gradient of the same size: for SmolLM2 (V = 49152) at 8 x 1024 tokens that is 0.8 + 1.6 + 1.6 GB
+(sizes computed from the shapes; benchmarks/gpu_lora.py measures peak memory with the chunked loss on a GPU). The
+chunked path runs the same forward with the lm_head replaced by a stand-in that returns its input, so `.logits` of
+the output are the last hidden states h (B, T, d), and computes sum_t CE(W h_t + b, y_t) with
+peftlab.kernels.chunked_ce, one chunk of target rows at a time (512 MiB of fp32 logits: 2,688 rows at V = 49152).
 
 Why the stand-in rather than calling the backbone (`model.model`, `model.transformer`) directly: the forward still
 goes through the caller's module (the DDP wrapper in multi-process training, whose forward sets up the gradient
