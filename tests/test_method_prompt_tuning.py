@@ -16,11 +16,15 @@ Invariants checked:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import traceback
 
 import peft as hf
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -66,8 +70,42 @@ def inputs(kind: str, seed: int = 1, n: int = 7, mask: bool = True) -> dict:
 
 
 def logits(model, x) -> torch.Tensor:
-    with torch.no_grad():
+    with torch.no_grad(), peft_itself_may_fail(model):
         return model(**x).logits
+
+
+@contextlib.contextmanager
+def peft_itself_may_fail(model):
+    """Where HF PEFT (the reference) raises from its own code - the installed PEFT not supporting the installed
+    transformers, e.g. peft 0.21.2's prefix tuning refusing BERT and Llama seq-cls under transformers 5.25 ("Model
+    does not support past key values") - skip with PEFT's message: the reference is missing, peftlab is not wrong.
+    Errors raised anywhere else, and every error from our own models, still fail the test."""
+    try:
+        yield
+    except Exception as error:
+        innermost = traceback.extract_tb(error.__traceback__)[-1].filename
+        if isinstance(model, hf.PeftModel) and os.sep + "peft" + os.sep in innermost:
+            pytest.skip(f"HF PEFT {hf.__version__} itself fails under transformers {transformers.__version__}: "
+                        f"{type(error).__name__}: {error}")
+        raise
+
+
+def greedy_reference(model, x, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding by `new_tokens` whole-sequence forwards of `model` (no KV cache, no generate()): the
+    reference generate() is checked against. Run on PEFT's model it is PEFT's forward, which equals ours to the bit
+    (test_same_logits_*), while PEFT's own generate() for virtual tokens is wrong under transformers 5.25 (peft
+    0.21.2 looks for the KV cache under its old name `past_key_values`, so it puts the virtual tokens in again at
+    every step). Decoders return prompt + new tokens; encoder-decoders the decoder ids, as generate() does."""
+    seq2seq = model.config.is_encoder_decoder
+    ids = torch.zeros(x["input_ids"].shape[0], 1, dtype=torch.long) if seq2seq else x["input_ids"]
+    mask = x.get("attention_mask")
+    for _ in range(new_tokens):
+        step = dict(x, decoder_input_ids=ids) if seq2seq else dict(x, input_ids=ids, attention_mask=mask)
+        nxt = logits(model, step)[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        ids = torch.cat([ids, nxt], dim=1)
+        if mask is not None and not seq2seq:
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+    return ids
 
 
 def pair(name: str, kind: str, **cfg):
@@ -216,8 +254,7 @@ def test_generate_equals_peft_greedy(kind):
     ours, theirs = pair("PromptTuningConfig", kind, num_virtual_tokens=3)
     x = {k: v for k, v in inputs(kind).items() if k != "decoder_input_ids"}
     a = ours.generate(**x, max_new_tokens=6, do_sample=False)
-    b = theirs.generate(**x, max_new_tokens=6, do_sample=False)
-    assert torch.equal(a, b)
+    assert torch.equal(a, greedy_reference(theirs, x, 6))  # PEFT's forward, decoded greedily
     assert torch.equal(ours.generate(**x, max_new_tokens=6, do_sample=False, use_cache=False), a)
     with ours.disable_adapter():
         base = ours.generate(**x, max_new_tokens=6, do_sample=False)

@@ -69,3 +69,18 @@ def test_python_example_runs(tmp_path, monkeypatch, capsys):
     assert "trainable params: 921,600 || all params: 135,436,608" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "out" / "my-adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     assert type(namespace["merged"]).__name__ == "LlamaForCausalLM"
+
+
+def test_setup_installs_the_pinned_versions():
+    """scripts/setup.sh installs with constraints.txt, and this environment holds exactly those versions: CI on a new
+    machine tests what was tested (an unpinned transformers release once broke 12 tests overnight)."""
+    import importlib.metadata
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
+    assert '-c constraints.txt -e ".[dev,shipped]"' in setup
+    pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.startswith("#"))
+    assert {"transformers", "peft", "accelerate", "datasets"} <= set(pins)
+    wrong = {name: (importlib.metadata.version(name), want) for name, want in pins.items()
+             if importlib.metadata.version(name) != want}
+    assert not wrong, f"installed != constraints.txt (installed, pinned): {wrong}; rerun bash scripts/setup.sh"

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ...models.compat import cache_kwarg, output_cache
+
 
 @dataclass
 class ScoreStats:
@@ -134,13 +136,13 @@ def _score_reusing_prompt(model, prompts, conts, pad_id, device, keep, stats) ->
                 inputs[r, :m] = torch.as_tensor(c[:-1])
                 targets[r, :m] = torch.as_tensor(c[1:])
                 valid[r, :m] = True
-    cache = out.past_key_values
+    cache = output_cache(out)
     cache.batch_repeat_interleave(L)
     prompt_lens = mask.sum(1).repeat_interleave(L)  # (B*L,) real prompt lengths: the next position ids
     mask2 = torch.cat([mask.repeat_interleave(L, 0), torch.ones(B * L, M, dtype=torch.long, device=device)], dim=1)
     pos2 = prompt_lens[:, None] + torch.arange(M, device=device)[None]
     out2 = _forward(model, keep, 0, stats, input_ids=inputs.to(device), attention_mask=mask2, position_ids=pos2,
-                    past_key_values=cache, use_cache=False)
+                    use_cache=False, **{cache_kwarg(model): cache})
     logp = torch.log_softmax(out2.logits.float(), dim=-1).double().cpu()  # (B*L, M, V)
     picked = logp.gather(2, targets[..., None]).squeeze(-1).masked_fill(~valid, 0.0)
     return sums + picked.sum(1).view(B, L)

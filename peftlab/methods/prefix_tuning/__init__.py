@@ -2,7 +2,7 @@
 
     layer l:  K' = [Pk_l ; K],  V' = [Pv_l ; V]      Pk_l, Pv_l: (num_virtual_tokens, H_kv x d_head)
 
-handed to the model as a pre-filled transformers DynamicCache (past_key_values), as PEFT does; the real tokens'
+handed to the model as a pre-filled transformers DynamicCache (the model's KV-cache argument), as PEFT does; the real tokens'
 positions start after the prefix. With prefix_projection the rows are MLP(E) during training; files hold the rows
 (`prompt_embeddings`, (T, num_layers x 2 x token_dim), PEFT's layout), plus, for a trainable adapter, the MLP's weights
 for resuming. See prompt_tuning/virtual_tokens.py for the shared machinery.

@@ -7,8 +7,9 @@ Two kinds (`PromptLearningConfig.prefix` tells which):
   positions / zeros. A causal LM's logits therefore have T more (leading) positions, as in HF PEFT.
 - prefix (prefix tuning): every layer l gets T trainable key/value rows before the real ones,
       K_l' = [Pk_l ; K_l],  V_l' = [Pv_l ; V_l]      (B, H_kv, T + n, d_head)
-  handed to the model as a pre-filled cache (past_key_values, transformers' DynamicCache); attention_mask gets T
-  leading ones and the real tokens' positions start at T. Logits keep the input's length.
+  handed to the model as a pre-filled cache (transformers' DynamicCache, under the model's `cache` or older
+  `past_key_values` argument); attention_mask gets T leading ones and the real tokens' positions start at T.
+  Logits keep the input's length.
 
 The model-level module (`Method.model_modules`, kept at `PeftModel.prompt_encoder[adapter]` as in PEFT) returns the
 virtual rows of one example when called: (T * num_transformer_submodules, D) for prompts, (T, L * 2 * D_kv) for
@@ -50,6 +51,7 @@ from torch import nn
 
 from ...core.config import AdapterConfig, ConfigError, TaskType, check_number
 from ...io.adapter_files import KEY_PREFIX, AdapterFileError
+from ...models.compat import CACHE_KWARGS, cache_kwarg, given_cache
 
 STORE = "prompt_encoder"  # PeftModel.prompt_encoder[adapter]: PEFT's name
 FILE_KEY = "prompt_embeddings"  # PEFT's one tensor per prompt-learning adapter
@@ -306,9 +308,9 @@ def _check_inputs(config, kwargs: dict) -> None:
         raise ValueError(f"{name}: got an attention_mask of shape {shape}; virtual tokens need the 2D (batch, "
                          "length) padding mask to extend. Packed rows (4D block-diagonal masks) are not supported: "
                          "set data.packing: false.")
-    cache = kwargs.get("past_key_values")
+    key, cache = given_cache(kwargs)
     if cache is not None and not (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0):
-        raise ValueError(f"{name}: forward got a filled past_key_values; the virtual tokens are added on the first "
+        raise ValueError(f"{name}: forward got a filled {key}; the virtual tokens are added on the first "
                          "step only, so continuing from a cache is done by generate(). Call model.generate(...), or "
                          "run forward on the whole sequence.")
 
@@ -422,7 +424,9 @@ def _prefix_forward(peft_model, adapter_name, model, config, kwargs):
     B = _batch_size(kwargs, config)
     layers = prefix_layers(peft_model, adapter_name, B, getattr(model, "dtype", None))
     seq2seq = _is_seq2seq(model)
-    kwargs["past_key_values"] = _new_cache(layers, seq2seq)
+    for key in CACHE_KWARGS:  # an empty cache the caller passed (checked above) is replaced by the prefix cache
+        kwargs.pop(key, None)
+    kwargs[cache_kwarg(model)] = _new_cache(layers, seq2seq)
     mask_key = "decoder_attention_mask" if seq2seq else "attention_mask"
     if kwargs.get(mask_key) is not None:
         kwargs[mask_key] = _leading(kwargs[mask_key], T, 1)
@@ -485,12 +489,13 @@ def _step_inputs(peft_model, adapter_name, model, config):
     name = type(config).__name__
 
     def rewrite(inputs: dict) -> dict:
-        cache = inputs.get("past_key_values")
+        key, cache = given_cache(inputs)
+        key = key or cache_kwarg(model)
         # The first step sees an empty cache. With use_cache=False every step runs on the whole sequence, so it is
         # a first step too; the model may still hand back the prefix cache it was given: that one is not reused.
         first = cache is None or cache.get_seq_length() == 0 or inputs.get("use_cache") is False
         if first and inputs.get("use_cache") is False:
-            cache = inputs["past_key_values"] = None
+            cache = inputs[key] = None
         x = inputs.get("input_ids") if inputs.get("input_ids") is not None else inputs.get("inputs_embeds")
         if x is None:
             x = inputs.get("decoder_input_ids")
@@ -498,7 +503,7 @@ def _step_inputs(peft_model, adapter_name, model, config):
         if config.prefix and first:
             layers = prefix_layers(peft_model, adapter_name, B, getattr(model, "dtype", None))
             if cache is None:
-                inputs["past_key_values"] = _new_cache(layers, seq2seq)
+                inputs[key] = _new_cache(layers, seq2seq)
             else:
                 target = cache.self_attention_cache if seq2seq else cache
                 from transformers import DynamicCache
