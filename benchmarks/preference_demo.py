@@ -94,6 +94,8 @@ def main(argv=None) -> int:
             if os.path.isfile(cfg):
                 with open(cfg, encoding="utf-8") as fh:
                     model_name = yaml.safe_load(fh)["model"]
+                if isinstance(model_name, dict):  # model: {name, dtype} (the section form)
+                    model_name = model_name.get("name")
                 break
     model_name = model_name or "smollm2"
 

@@ -118,8 +118,8 @@ def pair(name: str, kind: str, **cfg):
 
 
 def copy_from_peft(theirs, ours, seed: int = 3) -> None:
-    """Perturb PEFT's head copy (so a lost head shows), then give ours PEFT's trainable tensors. Names: PEFT's
-    `prompt_encoder.default.*` are ours; its head `base_model.<path>` is ours `base_model.model.<path>`."""
+    """Perturb PEFT's head copy (so a lost head shows), then give ours PEFT's trainable tensors. Names are PEFT's
+    (`prompt_encoder.default.*`, the head's `base_model.<path>`)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in theirs.named_parameters():
@@ -129,7 +129,6 @@ def copy_from_peft(theirs, ours, seed: int = 3) -> None:
     moved = {}
     for key, value in theirs.state_dict().items():
         if key.startswith("prompt_encoder.") or ".modules_to_save." in key:
-            key = key if key.startswith("prompt_encoder.") else "base_model.model." + key.removeprefix("base_model.")
             assert key in mine, key
             moved[key] = value
     ours.load_state_dict(moved, strict=False)
@@ -283,7 +282,7 @@ def test_left_padded_generate_equals_each_row_alone():
 def test_decoder_seq_cls_reads_the_last_real_token_of_right_padded_rows(method):
     model = get_peft_model(tiny_llama_cls(), getattr(peftlab, method)(num_virtual_tokens=3, task_type="SEQ_CLS"))
     with torch.no_grad():
-        for p in model.base_model.model.score.modules_to_save["default"].parameters():
+        for p in model.get_base_model().score.modules_to_save["default"].parameters():
             p.normal_()
     rows = [inputs("llama", n=7)["input_ids"][0], inputs("llama", seed=5, n=4)["input_ids"][0]]
     ids = torch.zeros(2, 7, dtype=torch.long)  # pad id 0, right padding as peftlab's collator pads

@@ -221,8 +221,10 @@ def test_backends_auto_equals_torch_and_bitsandbytes_backend_is_self_consistent(
     auto_model = qlora_model(backend="auto", target_modules="all-linear")
     bnb_model = qlora_model(backend="bitsandbytes", target_modules="all-linear")
     x = model_inputs("llama")
-    assert bnb.device_problem("cpu") is None
     assert torch.equal(output_of(auto_model, x), output_of(torch_model, x))  # same quantisation, same values
+    if bnb.device_problem("cpu") is not None:  # auto fell back to nf4.py (checked above); the rest needs bnb's kernels
+        pytest.skip(f"bitsandbytes on this machine: {bnb.device_problem('cpu')} (backend='auto' falls back to nf4.py, "
+                    "as checked above)")
     for (_, t), (_, b) in zip(torch_model._adapter_layers(), bnb_model._adapter_layers()):
         assert torch.equal(t.base_layer.weight, b.base_layer.weight)  # 4-bit codes: identical
     torch.testing.assert_close(output_of(bnb_model, x), output_of(lora_twin(bnb_model), x), rtol=0, atol=0)

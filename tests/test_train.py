@@ -151,7 +151,7 @@ def test_schedules_warm_up_then_decay():
     ("train.batch_size=0", r"batch_size=0 is not valid"),
     ("train.scheduler=cosin", r"scheduler='cosin' is not valid.*cosine"),
     ("method.name=lorra", r"No method named 'lorra'.*Did you mean lora"),
-    ("method.rank=8", r"unknown key 'rank'.*Valid keys"),
+    ("method.rank=8", r"unknown key 'rank': peftlab calls it 'r'"),
     ("task=clasify", r"task='clasify' is not valid"),
     ("lr=3", r"unknown key 'lr'"),
 ])
@@ -192,3 +192,15 @@ def test_lm_loss_sum_over_count_equals_transformers_mean_loss():
     total, count = lm_loss_sum(out.logits, {"labels": labels})
     torch.testing.assert_close(total / count, out.loss)
     assert count == int((labels[:, 1:] != -100).sum())
+
+
+def test_a_run_can_follow_an_accelerator_with_another_precision():
+    """transformers' Trainer (or any Accelerator) earlier in the same process fixed Accelerate's per-process state at
+    precision "no"; a later bf16 run used to fail with "AcceleratorState has already been initialized"."""
+    from accelerate import Accelerator
+
+    from peftlab.train.loop import new_accelerator
+
+    Accelerator(mixed_precision="no", cpu=True)
+    assert new_accelerator("bf16").mixed_precision == "bf16"
+    assert new_accelerator("fp32").mixed_precision == "no"

@@ -11,6 +11,7 @@ import shlex
 import sys
 
 from .errors import CliError
+from .options import add_dtype_argument
 
 NAME = "compare"
 HELP = "run several methods on one task with the same data and budget; write a table and plots"
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerun", action="store_true", help="run the selected methods again even if a result exists")
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and print what would run (and what would be reused), then exit")
+    add_dtype_argument(parser, None, "default: the config's model.dtype (same as the override model.dtype=...)")
     parser.add_argument("--echo", action="store_true",
                         help="also stream each worker's output (progress bar, logs) to the terminal")
 
@@ -44,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
     from .train_cmd import split_config_and_overrides
 
     config_path, overrides = split_config_and_overrides(args)
+    if config_path is not None:
+        from ..io.yaml_file import read_yaml_mapping
+
+        read_yaml_mapping(config_path, "compare config")  # answered before torch is imported
+    overrides = ([f"model.dtype={args.dtype}"] if args.dtype else []) + list(overrides)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     if args.only is not None and not only:
         raise CliError("--only needs at least one label, e.g. --only lora,dora.")

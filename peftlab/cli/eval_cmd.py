@@ -7,6 +7,7 @@ import json
 import os
 
 from .errors import CliError
+from .options import add_dtype_argument
 
 NAME = "eval"
 HELP = "evaluate a trained adapter (loss; accuracy and macro-F1 for classification)"
@@ -21,6 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", help="adapter folder (default: RUN_DIR/adapter, or train.output_dir/adapter)")
     parser.add_argument("--base", action="store_true", help="also evaluate with the adapter disabled")
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    add_dtype_argument(parser, None, "default: the run's model.dtype")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     config_path = os.path.join(args.run, "run_config.yaml") if os.path.isdir(args.run) else args.run
     if not os.path.isfile(config_path):
         raise CliError(f"{args.run!r} is neither a run folder (with run_config.yaml) nor a config file.")
-    run_config = load_run_config(config_path, args.overrides)
+    dtype = [f"model.dtype={args.dtype}"] if args.dtype else []
+    run_config = load_run_config(config_path, dtype + list(args.overrides))
     from ..core.method import method_for_config
 
     method = method_for_config(run_config.method)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .options import add_dtype_argument
+
 NAME = "generate"
 HELP = "generate text (a prompt, or an interactive chat) with an adapter, streamed"
 DESCRIPTION = ("Generate from MODEL (a folder, hub id or smollm2) with an optional adapter folder. --prompt "
@@ -23,16 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    add_dtype_argument(parser, "auto", "default auto")
 
 
-def load_for_generation(model: str, adapter: str | None):
+def load_for_generation(model: str, adapter: str | None, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     from ..core.model import PeftModel
     from ..models import load_model, load_tokenizer
+    from ..models.dtype import to_stderr
 
     tokenizer = load_tokenizer(model)
-    base = load_model(model, auto_class=AutoModelForCausalLM)
+    base = load_model(model, auto_class=AutoModelForCausalLM, dtype=dtype, log=to_stderr)
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
     return tokenizer, net.eval()
 
@@ -63,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     torch.manual_seed(args.seed)
-    tokenizer, net = load_for_generation(args.model, args.adapter)
+    tokenizer, net = load_for_generation(args.model, args.adapter, args.dtype)
     templated = tokenizer.chat_template is not None and not args.raw
     if args.prompt is not None:
         messages = [{"role": "user", "content": args.prompt}] if templated else None

@@ -20,6 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.lr=1e-4")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in train.output_dir/checkpoints")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run in train.output_dir (its metrics, checkpoints and adapter)")
     parser.add_argument("--help-config", action="store_true", help="list every config option with its doc and exit")
 
 
@@ -32,17 +34,21 @@ def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, li
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.yaml_file import read_yaml_mapping
+
+    config, overrides = split_config_and_overrides(args)
+    if config is not None and not args.help_config:
+        read_yaml_mapping(config, "run config")  # a missing file or bad YAML is answered before torch is imported
     from ..train import format_before_after, load_run_config, train
     from ..train.config import describe_options
 
     if args.help_config:
         print(describe_options())
         return 0
-    config, overrides = split_config_and_overrides(args)
     run_config = load_run_config(config, overrides)
     print(f"peftlab train: {run_config.method_name} on {run_config.model}, task {run_config.task}, "
           f"data {run_config.data.train_file if run_config.data else 'ppo.prompts'} -> {run_config.train.output_dir}")
-    result = train(run_config, resume=args.resume)
+    result = train(run_config, resume=args.resume, overwrite=args.overwrite)
     print()
     print(format_before_after(result))
     print(f"\n{result['steps']} steps in {result['train_seconds']:.0f} s ({result['tokens_per_s']:.0f} tokens/s); "

@@ -83,6 +83,14 @@ class CompareConfig:
     def task(self) -> str:
         return self.base.get("task", "classify")
 
+    @property
+    def model_label(self) -> str:
+        """The base model as reports name it: `model: NAME`, or NAME (DTYPE) for the section form with a dtype."""
+        model = self.base.get("model", "smollm2")
+        if not isinstance(model, dict):
+            return str(model)
+        return f"{model.get('name', 'smollm2')}" + (f" ({model['dtype']})" if model.get("dtype") else "")
+
     def select(self, only: list[str] | None) -> list[Entry]:
         """The entries named in `only` (labels), in config order; all of them for None."""
         if not only:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from collections.abc import Callable
 
 import yaml
 
+from ..io.atomic import atomic_write_text, remove_folder
 from .config import CompareConfig, Entry, entry_summary
 from .report import plot_loss_curves, plot_score_vs_params, write_csv, write_markdown
 
@@ -88,16 +88,15 @@ def run_compare(config: CompareConfig, only: list[str] | None = None, rerun: boo
     Returns {"results": [one dict per method of the config, in order], "files": {name: path}}."""
     selected = config.select(only)
     os.makedirs(config.output_dir, exist_ok=True)
-    with open(os.path.join(config.output_dir, "compare_config.yaml"), "w", encoding="utf-8") as fh:
-        yaml.safe_dump({**config.base, "methods": [{"name": e.label, "method": e.raw["method"],
-                                                     "train": {k: v for k, v in e.raw["train"].items()
-                                                               if k != "output_dir"}} for e in config.entries]},
-                       fh, sort_keys=False)
+    atomic_write_text(os.path.join(config.output_dir, "compare_config.yaml"), yaml.safe_dump(
+        {**config.base, "methods": [{"name": e.label, "method": e.raw["method"],
+                                     "train": {k: v for k, v in e.raw["train"].items() if k != "output_dir"}}
+                                    for e in config.entries]}, sort_keys=False))
 
     todo, skipped = [], []
     for item in plan(config, selected, rerun):
         (skipped if item[1] else todo).append(item)
-    log(f"peftlab compare: {len(selected)} methods on {config.base.get('model', 'smollm2')}, task {config.task}, "
+    log(f"peftlab compare: {len(selected)} methods on {config.model_label}, task {config.task}, "
         f"data {config.base['data'].get('train_file')} -> {config.output_dir} "
         f"({len(todo)} to run, {len(skipped)} reused)")
     start = time.time()
@@ -141,7 +140,7 @@ def run_method(config: CompareConfig, entry: Entry, echo: bool = False) -> dict:
     result it wrote, or one made here from its exit status when it wrote none."""
     folder = run_dir(config, entry.label)
     if os.path.isdir(folder):  # redoing a method: its old metrics.jsonl would be appended to, its adapter mixed in
-        shutil.rmtree(folder)
+        remove_folder(folder)  # renamed away first: a kill never leaves a half-deleted run with its result.json
     os.makedirs(folder)
     config_file = os.path.join(folder, "config.yaml")
     with open(config_file, "w", encoding="utf-8") as fh:
@@ -216,7 +215,7 @@ def write_outputs(config: CompareConfig, results: list[dict], command: str = "")
     train = base.get("train") or {}
     devices = sorted({r.get("device") for r in results if r.get("device")})
     short = lambda x: os.path.basename(os.path.normpath(x)) if isinstance(x, str) and os.sep in x else x  # noqa: E731
-    title = f"{short(base.get('model', 'smollm2'))} / {config.task} / {short(data.get('train_file'))}"
+    title = f"{short(config.model_label)} / {config.task} / {short(data.get('train_file'))}"
     budget = ", ".join(f"{k} {train[k]}" for k in ("max_steps", "epochs", "batch_size", "lr") if k in train)
     rows = ", ".join(f"{k} {data[k]}" for k in ("max_train_rows", "max_eval_rows", "max_length") if k in data)
     preamble = [

@@ -40,6 +40,34 @@ class TaskType(str, enum.Enum):
     FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
 
 
+class PeftType(str, enum.Enum):
+    """The `peft_type` tags peftlab reads and writes: PEFT's for the methods both have, peftlab's own for the rest
+    (PEFT does not read those files)."""
+
+    LORA = "LORA"
+    ADALORA = "ADALORA"
+    VERA = "VERA"
+    IA3 = "IA3"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    P_TUNING = "P_TUNING"
+    BOTTLENECK = "BOTTLENECK"
+    FULL = "FULL"
+    LAST_LAYERS = "LAST_LAYERS"
+    HEAD_ONLY = "HEAD_ONLY"
+    BITFIT = "BITFIT"
+    FEATURES = "FEATURES"
+    ICL = "ICL"
+
+
+class PromptTuningInit(str, enum.Enum):
+    """PromptTuningConfig.prompt_tuning_init's choices, PEFT's names (the config also takes the plain strings)."""
+
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
 class ConfigError(ValueError):
     """A config value is wrong. The message says which field, what was seen and what to do."""
 
@@ -90,6 +118,16 @@ class AdapterConfig:
 
     inference_mode: bool = False
     """True: adapter weights are frozen (set when loading without `is_trainable`)."""
+
+    def __new__(cls, *args, **kwargs):
+        # PEFT spells some methods as a flag on another's config: LoraConfig(use_dora=True) is DoRA. A direct
+        # subclass whose `claims_file` claims such a file's keys claims the same keyword arguments, so the call
+        # builds that subclass (its __init__ then runs; the flag stays a field of both).
+        for sub in cls.__subclasses__():
+            claims = sub.__dict__.get("claims_file")
+            if claims is not None and claims.__get__(None, sub)(kwargs):
+                return super().__new__(sub)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
@@ -168,9 +206,30 @@ class AdapterConfig:
         return cls(**kwargs)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None,
+                        revision: str | None = None, **kwargs) -> "AdapterConfig":
+        """PEFT's `PeftConfig.from_pretrained` / `LoraConfig.from_pretrained`: the config in an adapter folder (or
+        hub repo), of the class its peft_type names whichever class this is called on (as PEFT does); `kwargs` set
+        fields."""
+        from ..io import adapter_files  # io reads core.config's CONFIG_NAME: imported here, not at module level
+        from .method import method_for_peft_type
+
+        folder = adapter_files.resolve_adapter_dir(pretrained_model_name_or_path, subfolder, revision)
+        fields = {k: v for k, v in kwargs.items() if k not in HUB_KWARGS}  # PEFT also takes download options here
+        data = {**adapter_files.read_config_dict(folder), **fields}
+        source = os.path.join(folder, CONFIG_NAME)
+        if "peft_type" not in data:
+            return cls.from_dict(data, source=source)
+        return method_for_peft_type(data["peft_type"], data).config_cls.from_dict(data, source=source)
+
+    @classmethod
     def field_docs(cls) -> dict[str, str]:
         return field_docs(cls)
 
+
+# Download options PEFT's from_pretrained accepts beside config fields (not fields; the folder is local or fetched).
+HUB_KWARGS = {"token", "use_auth_token", "cache_dir", "force_download", "local_files_only", "proxies",
+              "resume_download", "repo_type", "subfolder", "revision"}
 
 # Keys that describe the file, not the math.
 _ALWAYS_IGNORED = {"auto_mapping", "peft_version", "megatron_core"}
@@ -237,5 +296,5 @@ def check_number(config_name: str, field_name: str, value: Any, *, low=None, hig
                           f"{' ' + want if want else ''}.")
 
 
-__all__ = ["AdapterConfig", "TaskType", "ConfigError", "CONFIG_NAME", "field_docs", "field", "check_choice",
+__all__ = ["AdapterConfig", "TaskType", "PeftType", "PromptTuningInit", "ConfigError", "CONFIG_NAME", "field_docs", "field", "check_choice",
            "check_number"]

@@ -13,6 +13,9 @@ What a subclass provides:
 - `delta_weight(name)` (optional): the adapter's update in the base weight's shape, if it can be merged.
 - `merged_weight(name, W)` / `unmerged_weight(name, W)` (optional): how merging changes the base weight when it is not
   W +/- delta_weight (DoRA rescales); core's merge/unmerge loop, safe_merge check and bookkeeping call them.
+- `weight_to_merge_into()` / `store_merged_weight(W)` (optional): where merging reads the base weight and puts the
+  result, for a base that does not hold a float weight (QLoRA's NF4 base: merged into its dequantised W_hat, the
+  matrix the adapter was trained against, and replaced by a float layer; `unmerge` puts the NF4 base back).
 - `trainable_tensors(name)` (optional): the part of `adapter_tensors` that trains. Default: every nn.Parameter
   in it. A method whose adapter holds parameters that are saved but never trained returns fewer (LoRA-FA keeps
   A frozen at its random init); core then leaves those at requires_grad=False.
@@ -41,6 +44,8 @@ def linear_shape(base_layer: nn.Module) -> tuple[int, int, bool]:
     from .targets import Conv1D
 
     fan_in_fan_out = isinstance(base_layer, Conv1D)
+    if isinstance(base_layer, nn.Linear):  # its own sizes: a quantised subclass (bitsandbytes' Linear4bit) packs weight
+        return base_layer.in_features, base_layer.out_features, False
     out_f, in_f = base_layer.weight.shape
     return (out_f, in_f, True) if fan_in_fan_out else (in_f, out_f, False)
 
@@ -143,21 +148,40 @@ class AdapterLayer(nn.Module):
         """The inverse of `merged_weight` (fp32 in and out): W' - delta_weight."""
         return weight - self.delta_weight(adapter_name).to(torch.float32)
 
+    def weight_to_merge_into(self) -> torch.Tensor:
+        """The float weight that merging starts from, as the adapter sees the base in forward: the base weight itself
+        (default). A layer whose base is not a float weight returns the float matrix its forward computes with
+        (QLoRA: the dequantised NF4 weight W_hat the adapter was trained against, not the original weights)."""
+        weight = self.base_weight().data
+        if not weight.is_floating_point():  # e.g. bitsandbytes' packed 4-bit codes in a transformers-quantised model
+            raise ValueError(
+                f"{type(self.base_layer).__name__} holds its weight quantised ({weight.dtype}), which an update cannot "
+                "be added to; nothing was merged. Merge into a full-precision copy of the base instead: load it "
+                "without quantization_config, then PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().")
+        return weight
+
+    def store_merged_weight(self, weight: torch.Tensor) -> None:
+        """Put the merged fp32 `weight` in place of the base weight (default: copied into it, cast to its dtype). A
+        layer whose base cannot hold a float weight replaces its base (QLoRA: by a float layer; the NF4 base is kept
+        aside for `unmerge`)."""
+        target = self.base_weight()
+        target.data.copy_(weight.to(target.dtype))
+
     def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold each adapter into the base weight with `merged_weight` (fp32 arithmetic, cast back)."""
+        """Fold each adapter into the base weight with `merged_weight` (fp32 arithmetic, cast back), starting from
+        `weight_to_merge_into` and ending with `store_merged_weight`."""
         names = self.active_adapters if adapter_names is None else adapter_names
-        weight = self.base_weight()
         for name in names:
             if name not in self.adapter_names or name in self.merged_adapters:
                 continue
             with torch.no_grad():
-                merged = self.merged_weight(name, weight.data.to(torch.float32))
+                merged = self.merged_weight(name, self.weight_to_merge_into().to(torch.float32))
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(
                     f"Merging {self.merge_label}adapter {name!r} would put NaN/inf into "
                     f"{type(self.base_layer).__name__}'s weight; the base weight was left unchanged. {self.merge_hint}"
                 )
-            weight.data.copy_(merged.to(weight.dtype))
+            self.store_merged_weight(merged)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:

@@ -13,6 +13,7 @@ A `Method` says:
   `param_groups` (e.g. LoRA+'s separate learning rate for B), `on_step` (e.g. AdaLoRA's rank budget,
   Delta-LoRA's base update), `extra_loss` (e.g. AdaLoRA's orthogonality regulariser);
 - `combine` (optional): build a new adapter from weighted existing ones (`add_weighted_adapter`).
+- `tuner_calls` (optional): PEFT's method-specific calls on `model.base_model` (AdaLoRA's `update_and_allocate`).
 - `shared_tensors` / `saves_shared` (optional): model-level tensors one adapter owns once for all its layers
   (VeRA's shared random projections), kept and saved by core.
 - `to_file` / `load_targets` / `after_load` (optional): what a method's files hold beyond `adapter_tensors`
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .config import AdapterConfig
+from .config import AdapterConfig, ConfigError
 
 if TYPE_CHECKING:
     from .layer import AdapterLayer
@@ -106,6 +107,12 @@ class Method:
 
     extra_loss: Callable[..., Any] = _no_loss
     """(model, adapter_name) -> a scalar tensor added to the training loss, or None."""
+
+    tuner_calls: dict[str, Callable[..., Any]] = field(default_factory=dict)
+    """{name: (model, adapter_name, *args, **kwargs) -> None}: calls PEFT offers for this method on
+    `model.base_model` (its tuner model) beyond the common ones, e.g. AdaLoRA's `update_and_allocate(global_step)`.
+    `peft_model.base_model.<name>(...)` runs it for each active adapter of this method; with no such adapter active
+    it raises AttributeError naming the methods that have it."""
 
     combine: Callable[..., None] | None = None
     """(model, adapters, weights, adapter_name, combination_type, **options) -> None: add a new adapter that
@@ -224,6 +231,12 @@ class Method:
     `prompt_encoder.embedding.weight`. May raise a clear error for a file it cannot read into this adapter. Default:
     unchanged."""
 
+    quantize_at_load: Callable[..., Any] | None = None
+    """(config) -> the `quantize` argument of peftlab.models.load_model: loaders that know the method before the
+    weights are read (`peftlab train`, `peftlab.train.model_loading`) hand it over, and the modules the method would
+    hold in low precision are built as their weights are read, never in full precision (QLoRA's NF4 bases). None:
+    the base loads in its dtype and the method wraps it as usual."""
+
     def wrapper_for(self, module: nn.Module) -> type["AdapterLayer"] | None:
         for match, wrapper in self.layers:
             if (isinstance(match, type) and isinstance(module, match)) or (
@@ -287,7 +300,7 @@ def method_for_peft_type(peft_type: str, config_dict: dict[str, Any] | None = No
     candidates = [m for m in registered_methods() if m.config_cls.peft_type == peft_type]
     if not candidates:
         known = sorted({m.config_cls.peft_type for m in registered_methods()})
-        raise ValueError(
+        raise ConfigError(
             f"The adapter file says peft_type={peft_type!r}, which no peftlab method reads. "
             f"Known types: {', '.join(known)}."
         )

@@ -4,7 +4,10 @@ Layout (as HF PEFT's, so parameter names and state dicts match PEFT's):
     PeftModel
       .base_model : TunerModel        # holds the adapters' bookkeeping
           .model  : the user's model  # with target modules replaced by AdapterLayer wrappers
-Parameter names therefore read `base_model.model.<module path>.lora_A.default.weight`.
+Parameter names therefore read `base_model.model.<module path>.lora_A.default.weight`. A model whose first adapter
+acts on the inputs only (prompt learning) keeps the user's model itself as `.base_model`, as PEFT does
+(`base_model.<module path>`). Task classes (`PeftModelForCausalLM`, ...) are PEFT's; `get_peft_model` returns them.
+Files: core/save_load.py (a base of PeftModel); the tuner model: core/tuner.py.
 
 Nothing here names a method: everything method-specific comes from the `Method` registered for the
 config's class (see core/method.py).
@@ -15,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import os
+import inspect
 import warnings
 from collections.abc import Iterator
 
@@ -23,12 +26,14 @@ import torch
 from torch import nn
 
 from ..io import adapter_files
-from ..io.atomic import atomic_write_text
-from .config import CONFIG_NAME, AdapterConfig, ConfigError, TaskType
+from ..io.names import check_adapter_name
+from .config import AdapterConfig, ConfigError, TaskType
 from .layer import AdapterLayer
-from .method import Method, method_for_config, method_for_peft_type
+from .method import Method, method_for_config, registered_methods
 from .modules_to_save import ModulesToSaveWrapper
+from .save_load import SaveLoadMixin, read_config  # noqa: F401  (read_config: re-exported, as before the split)
 from .targets import ALL_LINEAR, matches, resolve_target_spec, select_targets
+from .tuner import SharedTensors, TunerModel
 
 # Heads a task adds to modules_to_save (if the model has them), as PEFT does.
 TASK_HEADS = {
@@ -38,82 +43,80 @@ TASK_HEADS = {
 }
 
 
-# PEFT's names of embedding layers: targeting one makes save_pretrained (save_embedding_layers="auto") save
-# the embedding layer's own weights too.
-EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
+def _peft_forward(self, *args, **kwargs):
+    hooked = self._input_hook_adapter()
+    if hooked is not None:  # an input-side method (prompt/prefix tuning) runs the base model itself
+        kwargs = _bind_to_names(self.get_base_model().forward, args, kwargs)
+        return self.method_of(hooked).forward(self, hooked, kwargs)
+    return self.get_base_model()(*args, **kwargs)
 
 
-class SharedTensors(nn.Module):
-    """One model-level tensor per adapter, as buffers named by adapter (see `Method.shared_tensors`). Registered on
-    the TunerModel as `<name>`, so the state-dict names read `base_model.<name>.<adapter>` as in PEFT
-    (`base_model.vera_A.default`). Buffers, not parameters: shared tensors never train."""
+class _BaseSignatureForward:
+    """`PeftModel.forward`. Called on a model it runs `fn`; `inspect.signature` of it gives the wrapped model's own
+    forward parameters. transformers.Trainer keeps only the dataset columns that signature names (its default
+    remove_unused_columns=True) and reads PEFT's models' base signature the same way, so the same columns reach the
+    model. On the class it is `fn` itself, whose named parameters (a task class's, PEFT's) Trainer's find_labels reads.
+    Deliberately no `__func__`: accelerate's autocast wrapping then wraps this object, signature included."""
 
-    def add(self, adapter_name: str, tensor: torch.Tensor, persistent: bool) -> None:
-        self.register_buffer(adapter_name, tensor.detach(), persistent=persistent)
+    def __init__(self, fn) -> None:
+        self.fn = fn
 
-    def remove(self, adapter_name: str) -> None:
-        self._buffers.pop(adapter_name, None)
-        self._non_persistent_buffers_set.discard(adapter_name)
-
-    def __contains__(self, adapter_name: str) -> bool:
-        return adapter_name in self._buffers
-
-    def __getitem__(self, adapter_name: str) -> torch.Tensor:
-        return self._buffers[adapter_name]
-
-    def __len__(self) -> int:
-        return len(self._buffers)
+    def __get__(self, model, owner=None):
+        return self.fn if model is None else _BoundForward(self.fn, model)
 
 
-class TunerModel(nn.Module):
-    """Holds the user's model as `.model`; forward and attribute access go straight through. Methods' shared
-    tensors live here too, one `SharedTensors` store per name (listed in `shared_names`)."""
+class _BoundForward:
+    __slots__ = ("fn", "model")
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.shared_names: list[str] = []
+    def __init__(self, fn, model) -> None:
+        self.fn, self.model = fn, model
 
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+    def __call__(self, *args, **kwargs):
+        return self.fn(self.model, *args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.model.get_base_model().forward)
 
 
-class PeftModel(nn.Module):
+class PeftModel(SaveLoadMixin, nn.Module):
     """A base model plus named adapters. Create with `get_peft_model` or `PeftModel.from_pretrained`."""
+
+    # transformers' flag for "trainable adapters are attached": its Trainer refuses a quantised model without it
+    # (PEFT's models pass that check by class, which ours cannot).
+    _hf_peft_config_loaded = True
 
     def __init__(self, model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> None:
         super().__init__()
-        self.base_model = TunerModel(model)
+        # PEFT's layouts: a first adapter that acts on the inputs only (prompt learning: model-level modules, no layers)
+        # keeps the user's model itself as `base_model` (names `base_model.<path>`), any other a tuner model around
+        # it (`base_model.model.<path>`).
+        first = method_for_config(peft_config)
+        self.base_model = model if first.model_modules is not None and not first.layers else TunerModel(model, self)
         self.peft_config: dict[str, AdapterConfig] = {}
         self._active: list[str] = []
         self.model_module_names: list[str] = []  # ModuleDicts of Method.model_modules, e.g. "prompt_encoder"
         self._input_hooks_disabled = False  # set by disable_adapter(): Method.forward / generate hooks are skipped
+        _check_not_wrapped(model)
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
+        model.__dict__[WRAPPED_MARK] = True  # until unload/merge_and_unload hands the model back
+        # PEFT's rule: checkpointed layers need inputs that require grad, or the adapters inside get none. (transformers
+        # 5 names the flag is_activation_checkpointing and warns on the old one; a model without either: True.)
+        new_name = hasattr(type(model), "is_activation_checkpointing")
+        if getattr(model, "is_activation_checkpointing" if new_name else "is_gradient_checkpointing", True):
+            _inputs_require_grad(model)
 
     # ---- pass-through to the base model -------------------------------------------------------------
 
-    def forward(self, *args, **kwargs):
-        hooked = self._input_hook_adapter()
-        if hooked is not None:  # an input-side method (prompt/prefix tuning) runs the base model itself
-            kwargs = _bind_to_names(self.base_model.model.forward, args, kwargs)
-            return self.method_of(hooked).forward(self, hooked, kwargs)
-        return self.base_model.model(*args, **kwargs)
+    forward = _BaseSignatureForward(_peft_forward)
 
     def generate(self, *args, **kwargs):
         hooked = self._input_hook_adapter()
         if hooked is not None:
-            kwargs = _bind_to_names(self.base_model.model.generate, args, kwargs)
+            kwargs = _bind_to_names(self.get_base_model().generate, args, kwargs)
             return self.method_of(hooked).generate(self, hooked, kwargs)
-        return self.base_model.model.generate(*args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
 
     def __getattr__(self, name: str):
         try:
@@ -121,16 +124,43 @@ class PeftModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.get_base_model(), name)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        base = self.base_model
+        return base.model if isinstance(base, TunerModel) else base
+
+    def _tuner(self) -> TunerModel | None:
+        return self.base_model if isinstance(self.base_model, TunerModel) else None
+
+    @classmethod
+    def _class_for_task(cls, task_type) -> type["PeftModel"]:
+        """PEFT's rule for PeftModel.from_pretrained: called on PeftModel itself, the task class of the task_type."""
+        return TASK_CLASSES.get(task_type, cls) if cls is PeftModel else cls
+
+    def _tuner_call(self, name: str):
+        """`base_model.<name>` for a method's own tuner call (Method.tuner_calls), bound to the active adapters of
+        the methods that offer it; None when no registered method offers `name`."""
+        if not any(name in m.tuner_calls for m in registered_methods()):
+            return None
+        owners = [a for a in self._active if name in self.method_of(a).tuner_calls]
+        if not owners:
+            active = ", ".join(f"{a!r} ({self.method_of(a).name})" for a in self._active) or "none"
+            offered = sorted(m.name for m in registered_methods() if name in m.tuner_calls)
+            raise AttributeError(f"{name} is a call of {', '.join(offered)} adapters, and the active adapters are "
+                                 f"{active}: it has nothing to act on here. Call it on a model whose active adapter "
+                                 f"is {offered[0]}.")
+
+        def call(*args, **kwargs):
+            for adapter in owners:
+                self.method_of(adapter).tuner_calls[name](self, adapter, *args, **kwargs)
+        return call
 
     # ---- walking the wrappers -------------------------------------------------------------------------
 
     def _wrappers(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
         """(path inside the user's model, wrapper) for every adapter layer and modules_to_save wrapper."""
-        for name, module in self.base_model.model.named_modules():
+        for name, module in self.get_base_model().named_modules():
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield name, module
 
@@ -151,10 +181,9 @@ class PeftModel(nn.Module):
         """Inject a new adapter (not yet active: call `set_adapter` to use it)."""
         if adapter_name in self.peft_config:
             raise ValueError(f"An adapter named {adapter_name!r} already exists; delete it first or pick another name.")
-        if not adapter_name or "." in adapter_name:
-            raise ValueError(f"Adapter name {adapter_name!r} is not valid: use a non-empty name without dots.")
+        check_adapter_name(adapter_name)
         method = method_for_config(peft_config)
-        model = self.base_model.model
+        model = self.get_base_model()
         if method.base_tensors is not None:
             others = [a for a in self.peft_config if self.method_of(a).base_tensors is not None]
             if others:
@@ -246,7 +275,11 @@ class PeftModel(nn.Module):
         layers = [(n, m) for n, m in self._adapter_layers() if adapter_name in m.adapter_names]
         tensors = method.shared_tensors(self, adapter_name, config, layers)
         persistent = bool(method.saves_shared(config))
-        tuner = self.base_model
+        tuner = self._tuner()
+        if tuner is None:
+            raise ValueError(f"{method.name} keeps model-level tensors on the tuner model, which a model whose first "
+                             f"adapter is prompt learning does not have (PEFT's layout). Put the {method.name} adapter "
+                             "on its own copy of the base model.")
         for name, tensor in tensors.items():
             store = tuner._modules.get(name)
             if store is None:
@@ -263,8 +296,9 @@ class PeftModel(nn.Module):
 
     def _shared_of(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """{name: tensor} of the shared tensors adapter `adapter_name` owns."""
-        tuner = self.base_model
-        return {n: tuner._modules[n][adapter_name] for n in tuner.shared_names if adapter_name in tuner._modules[n]}
+        tuner = self._tuner()
+        return {} if tuner is None else {n: tuner._modules[n][adapter_name] for n in tuner.shared_names
+                                         if adapter_name in tuner._modules[n]}
 
     def _base_tensors_of(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """{path in the user's model: parameter} of the base parameters adapter `adapter_name` trains in place
@@ -273,7 +307,7 @@ class PeftModel(nn.Module):
         if method.base_tensors is None:
             return {}
         wrapped = {id(p) for _, w in self._wrappers() if isinstance(w, ModulesToSaveWrapper) for p in w.parameters()}
-        found = method.base_tensors(self.base_model.model, self.peft_config[adapter_name])
+        found = method.base_tensors(self.get_base_model(), self.peft_config[adapter_name])
         return {path: p for path, p in found.items() if id(p) not in wrapped}
 
     def _trains_base_in_place(self, adapter_names: list[str]) -> list[str]:
@@ -378,14 +412,14 @@ class PeftModel(nn.Module):
 
     def _remove_from_modules(self, adapter_name: str) -> None:
         self._remove_model_modules(adapter_name)
-        tuner = self.base_model
-        for name in list(tuner.shared_names):
+        tuner = self._tuner()
+        for name in list(tuner.shared_names if tuner is not None else []):
             store = tuner._modules[name]
             store.remove(adapter_name)
             if not len(store):  # the last adapter that had it: drop the store itself
                 del tuner._modules[name]
                 tuner.shared_names.remove(name)
-        model = self.base_model.model
+        model = self.get_base_model()
         for name, wrapper in list(self._wrappers()):
             wrapper.delete_adapter(adapter_name)
             if not wrapper.adapter_names:  # nothing left on it: put the original module back
@@ -395,24 +429,29 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Within this block the model computes as the bare base model (no adapter, no saved-module copy)."""
-        if any(layer.merged for _, layer in self._adapter_layers()):
+        before = [(w, w.disabled) for _, w in self._wrappers()], self._input_hooks_disabled
+        self._set_adapters_disabled(True)
+        try:
+            yield
+        finally:
+            for w, was in before[0]:
+                w.disabled = was
+            self._input_hooks_disabled = before[1]
+
+    def _set_adapters_disabled(self, disabled: bool) -> None:
+        """Switch every adapter off (the bare base model computes) or back on; `disable_adapter()` and the tuner
+        model's disable_adapter_layers / enable_adapter_layers (PEFT's) both come here."""
+        if disabled and any(layer.merged for _, layer in self._adapter_layers()):
             warnings.warn("Adapters were merged; unmerging them so that the base model can run without them.")
             self.unmerge_adapter()
-        in_place = self._trains_base_in_place(self._active)
+        in_place = self._trains_base_in_place(self._active) if disabled else []
         if in_place:
             warnings.warn(f"Adapters {in_place} train base-model weights or biases in place (bias != 'none', or a "
                           "method such as full or bitfit); disabling adapters does not undo that, so outputs differ "
                           "from the original base model.")
-        wrappers = [w for _, w in self._wrappers()]
-        for w in wrappers:
-            w.disabled = True
-        was_disabled, self._input_hooks_disabled = self._input_hooks_disabled, True
-        try:
-            yield
-        finally:
-            for w in wrappers:
-                w.disabled = False
-            self._input_hooks_disabled = was_disabled
+        for _, w in self._wrappers():
+            w.disabled = disabled
+        self._input_hooks_disabled = disabled
 
     # ---- trainable parameters -------------------------------------------------------------------------
 
@@ -455,7 +494,7 @@ class PeftModel(nn.Module):
         mode = getattr(self.peft_config[adapter_name], "bias", "none")
         if mode == "none":
             return []
-        model = self.base_model.model
+        model = self.get_base_model()
         if mode == "all":
             # PEFT's rule, so files match key for key: every ".bias" entry of the state dict except other adapters',
             # with this adapter's name taken out. A modules_to_save copy's bias is thus saved twice ("head.bias" and
@@ -479,15 +518,18 @@ class PeftModel(nn.Module):
             if self.peft_config[name].inference_mode:
                 continue
             for t in self.trainable_tensors(name).values():
+                if t.dtype in (torch.bfloat16, torch.float16):
+                    # fp32 master weights whatever dtype the base was loaded in (peftlab.models.dtype): a 16-bit
+                    # tensor would round most AdamW updates away. In place, so tied and shared tensors stay shared.
+                    t.data = t.data.to(torch.float32)
                 t.requires_grad_(True)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(p.numel() for p in self.parameters())
+        return trainable, sum(_weights_in(p) for p in self.parameters())
 
     def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(trainable_parameters_line(*self.get_nb_trainable_parameters()))
 
     # ---- training-time hooks (declared by methods, called by the training loop) ----------------------
 
@@ -535,11 +577,14 @@ class PeftModel(nn.Module):
 
     # ---- merging ------------------------------------------------------------------------------------
 
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                      allow_non_finite: bool = False) -> None:
         """Add the adapters' updates into the base weights (forward then skips the adapter branch)."""
         names = self._active if adapter_names is None else adapter_names
         for n in names:
             self._check_known(n)
+            if not allow_non_finite:  # a diverged adapter would turn the merged model's weights into NaN for good
+                adapter_files.check_finite(self.adapter_tensors(n), f"adapter {n!r}")
         for n in names:
             method = self.method_of(n)
             if not method.merges:
@@ -555,9 +600,9 @@ class PeftModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None) -> nn.Module:
+                         adapter_names: list[str] | None = None, allow_non_finite: bool = False) -> nn.Module:
         """Merge the active (or named) adapters into the base weights and return the plain base model."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge, allow_non_finite=allow_non_finite)
         return self._unwrap(keep_copies=True)
 
     def unload(self) -> nn.Module:
@@ -570,7 +615,7 @@ class PeftModel(nn.Module):
         return self._unwrap(keep_copies=False)
 
     def _unwrap(self, keep_copies: bool) -> nn.Module:
-        model = self.base_model.model
+        model = self.get_base_model()
         for name, wrapper in list(self._wrappers()):
             if isinstance(wrapper, AdapterLayer):
                 original = wrapper.unwrapped()
@@ -579,6 +624,7 @@ class PeftModel(nn.Module):
             else:
                 original = wrapper.original_module
             _set_submodule(model, name, original)
+        model.__dict__.pop(WRAPPED_MARK, None)
         return model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
@@ -596,140 +642,11 @@ class PeftModel(nn.Module):
             raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
         method.combine(self, adapters, weights, adapter_name, combination_type, **options)
 
-    # ---- files --------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None,
-                        safe_serialization: bool = True, save_embedding_layers: bool | str = "auto",
-                        **_ignored) -> None:
-        """Write each adapter as adapter_config.json + adapter_model.safetensors (HF PEFT layout).
-        The adapter named "default" goes in `save_directory`, any other in `save_directory/<name>/`.
-        `save_embedding_layers` (PEFT's): also save the input/output embedding layers' own weights; "auto" does
-        so when an embedding layer ("embed_tokens", "lm_head") is a LoRA target, as PEFT does."""
-        if not safe_serialization:
-            raise ValueError("save_pretrained(safe_serialization=False) asks for a pickle file (adapter_model.bin), "
-                             "which can run code when loaded; peftlab writes safetensors only. Leave "
-                             "safe_serialization at its default (True).")
-        if os.path.isfile(save_directory):
-            raise ValueError(f"{save_directory!r} is a file; save_pretrained needs a folder path.")
-        for name in selected_adapters or list(self.peft_config):
-            self._check_known(name)
-            folder = os.fspath(save_directory) if name == "default" else os.path.join(save_directory, name)
-            # The config's text before any file changes: a value JSON cannot hold must not leave new weights
-            # beside the old config.
-            # inference_mode=True in the file, as PEFT writes it (loaders set it from is_trainable anyway).
-            config_text = dataclasses.replace(self.peft_config[name], inference_mode=True).to_json_string()
-            tensors = self.adapter_tensors(name)
-            tensors.update(self._embedding_layers_to_save(name, save_embedding_layers))
-            tensors = self.method_of(name).to_file(self, name, tensors)  # the method's own file layout, if any
-            os.makedirs(folder, exist_ok=True)
-            # Weights first, config last: a folder whose config is present has weights that match it.
-            adapter_files.write_weights(folder, tensors)
-            atomic_write_text(os.path.join(folder, CONFIG_NAME), config_text)
-
-    def _embedding_layers_to_save(self, adapter_name: str, save: bool | str) -> dict[str, torch.Tensor]:
-        """PEFT's `save_embedding_layers`: the base embedding layers' weights, saved beside the adapter. With
-        "auto" PEFT saves them when an embedding layer is targeted (only the targeted, wrapped ones); we do the
-        same so that files match key for key. (PEFT's other "auto" case, a vocabulary resized since the base
-        checkpoint, needs the base config from the hub and is not detected here: pass True.)"""
-        targets = self.peft_config[adapter_name].target_modules
-        if isinstance(targets, str):
-            targeted = targets != ALL_LINEAR and any(
-                matches(n, targets) for n, _ in self.base_model.model.named_modules()
-                if n.rsplit(".", 1)[-1] in EMBEDDING_LAYER_NAMES)
-        else:
-            targeted = any(t in EMBEDDING_LAYER_NAMES for t in targets or [])
-        if save == "auto":
-            save = targeted
-        if not save:
-            return {}
-        return {k: t for k, (t, wrapped) in self._embedding_layer_tensors().items() if wrapped or not targeted}
-
-    def _embedding_layer_tensors(self) -> dict[str, tuple[torch.Tensor, bool]]:
-        """{file key: (tensor, is it LoRA-wrapped)} for the input and output embedding layers' own tensors; a
-        wrapped layer's live under `<path>.base_layer.` (PEFT's keys)."""
-        model = self.base_model.model
-        out: dict[str, tuple[torch.Tensor, bool]] = {}
-        for getter in ("get_input_embeddings", "get_output_embeddings"):
-            fn = getattr(model, getter, None)
-            layer = fn() if callable(fn) else None
-            if layer is None or isinstance(layer, ModulesToSaveWrapper):  # a saved copy is in the file already
-                continue
-            wrapped = isinstance(layer, AdapterLayer)
-            module = layer.base_layer if wrapped else layer
-            path = next((n for n, m in model.named_modules() if m is module), None)
-            if path is None:
-                continue
-            for key, tensor in module.state_dict(keep_vars=True).items():
-                out[f"{adapter_files.KEY_PREFIX}{path}.{key}"] = (tensor, wrapped)
-        return out
-
-    def _load_tensors(self, adapter_name: str, found: dict[str, torch.Tensor], source: str) -> None:
-        """Copy a file's tensors into adapter `adapter_name`; embedding-layer weights saved with it (PEFT's
-        save_embedding_layers) go into the base embedding layers, as PEFT loads them. Everything is checked
-        before anything is copied. The method's `load_targets` may add tensors its files carry beyond the adapter's
-        own, and its `after_load` runs once everything is in place."""
-        method = self.method_of(adapter_name)
-        found = method.from_file(self, adapter_name, found)  # the method's file layout -> adapter_tensors keys
-        expected = self.adapter_tensors(adapter_name)
-        expected.update(method.load_targets(self, adapter_name, found) or {})
-        base = self._embedding_layer_tensors()
-        found = dict(found)
-        embeddings = {k: found.pop(k) for k in list(found) if k in base and k not in expected}
-        embedding_targets = {k: base[k][0] for k in embeddings}
-        adapter_files.check_fits(embedding_targets, embeddings, source)  # load_into checks the adapter's own
-        adapter_files.load_into(expected, found, source)
-        adapter_files.load_into(embedding_targets, embeddings, source)
-        method.after_load(self, adapter_name)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, model_id: str | os.PathLike, adapter_name: str = "default",
-                        is_trainable: bool = False, config: AdapterConfig | None = None,
-                        subfolder: str | None = None, revision: str | None = None, **_ignored) -> "PeftModel":
-        """Load an adapter folder (ours or HF PEFT's) onto `model`."""
-        folder = adapter_files.resolve_adapter_dir(model_id, subfolder, revision)
-        config = config or read_config(folder)
-        config = dataclasses.replace(config, inference_mode=not is_trainable)
-        weights = adapter_files.read_weights(folder)  # read before touching the model: fail early
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model._load_tensors(adapter_name, weights, folder)
-        except Exception:
-            peft_model.unload()  # hand the caller's model back as it was, without wrappers injected into it
-            raise
-        return peft_model
-
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False,
-                     subfolder: str | None = None, revision: str | None = None,
-                     config: AdapterConfig | None = None, **_ignored) -> None:
-        """Load another adapter folder onto this model under `adapter_name` (not activated). `config`, as in
-        `from_pretrained`, replaces the folder's own: e.g. a QLoRA adapter's file reads as plain LoRA, and a second
-        QLoRA adapter needs `config=QLoraConfig.from_lora(read_config(folder))` to join the 4-bit layers."""
-        folder = adapter_files.resolve_adapter_dir(model_id, subfolder, revision)
-        config = dataclasses.replace(config or read_config(folder), inference_mode=not is_trainable)
-        weights = adapter_files.read_weights(folder)
-        self.add_adapter(adapter_name, config)
-        try:
-            self._load_tensors(adapter_name, weights, folder)
-        except Exception:
-            self.delete_adapter(adapter_name)  # leave the model as it was
-            raise
-
-
-def read_config(folder: str) -> AdapterConfig:
-    data = adapter_files.read_config_dict(folder)
-    if "peft_type" not in data:
-        raise adapter_files.AdapterFileError(f"{folder}/adapter_config.json has no peft_type; it is not an adapter config.")
-    method = method_for_peft_type(data["peft_type"], data)
-    return method.config_cls.from_dict(data, source=f"{folder}/adapter_config.json")
-
-
 def _bind_to_names(fn, args: tuple, kwargs: dict) -> dict:
     """`fn(*args, **kwargs)`'s arguments as one {name: value} dict (positional ones named by `fn`'s signature), for the
     input-side hooks, which read and rewrite inputs by name (`model(ids)` is `model(input_ids=ids)`)."""
     if not args:
         return dict(kwargs)
-    import inspect
-
     params = [p for p in inspect.signature(fn).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(args) > len(params):
@@ -747,8 +664,98 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
+# Set on a base model while a PeftModel wraps it. A second PeftModel on the same base would inject into the same
+# layers: its "default" adapter would replace the first one's, silently changing the first model's outputs.
+# (HF PEFT only warns, "You are trying to modify a model with PEFT for a second time", and goes on.)
+WRAPPED_MARK = "_peftlab_wrapped"
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    if model.__dict__.get(WRAPPED_MARK) or any(isinstance(m, (AdapterLayer, ModulesToSaveWrapper))
+                                               for m in model.modules()):
+        raise ValueError(
+            "This base model is already wrapped by a PeftModel: a second get_peft_model / from_pretrained on it would "
+            "replace the first one's adapter in the same layers. Add another adapter to the existing PeftModel "
+            "with peft_model.add_adapter(name, config) (or load_adapter(folder, name)), call unload() / "
+            "merge_and_unload() on it first, or wrap a separate copy (copy.deepcopy(base)).")
+
+
+def _weights_in(param: torch.Tensor) -> int:
+    """How many weights a parameter holds: bitsandbytes' 4-bit parameters pack 2 x (storage bytes) per element, counted
+    as PEFT counts them (by class name: bitsandbytes is not imported for this)."""
+    if type(param).__name__ != "Params4bit":
+        return param.numel()
+    storage = getattr(param, "quant_storage", None)
+    return param.numel() * 2 * (param.element_size() if hasattr(param, "element_size") else
+                                storage.itemsize if storage is not None else 1)
+
+
+def trainable_parameters_line(trainable: int, total: int) -> str:
+    """PEFT's print_trainable_parameters text."""
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+
+
+def _inputs_require_grad(model: nn.Module) -> None:
+    """PEFT's `_prepare_model_for_gradient_checkpointing` (not for a quantised model)."""
+    if any(getattr(model, k, False) for k in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+        return
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    elif callable(getattr(model, "get_input_embeddings", None)) and model.get_input_embeddings() is not None:
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+
+
+def _task_class(name: str, task: TaskType, params: str) -> type[PeftModel]:
+    """PEFT's task class `name`: a PeftModel whose forward names PEFT's parameters `params` (transformers' Trainer
+    reads `labels` / `start_positions` among them); the call is PeftModel's (None-valued ones are not passed on)."""
+    names = params.split()
+    signature = inspect.Signature(
+        [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for n in names]
+        + [inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD)])
+
+    def forward(self, *args, **kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"{name}.forward takes {len(names)} positional arguments, got {len(args)}.")
+        named = dict(zip(names, args))
+        both = sorted(set(named) & set(kwargs))
+        if both:
+            raise TypeError(f"Got {both} both by position and by name; pass each once.")
+        named.update(kwargs)
+        named.pop("task_ids", None)  # PEFT's multitask prompt tuning only
+        return _peft_forward(self, **{k: v for k, v in named.items() if v is not None or k not in names})
+
+    forward.__signature__ = signature
+    doc = f"PEFT's `{name}`: a PeftModel for task_type {task.value} (get_peft_model returns it for that task)."
+    return type(name, (PeftModel,), {"forward": _BaseSignatureForward(forward), "__doc__": doc,
+                                     "__module__": __name__})
+
+
+_COMMON = "input_ids attention_mask inputs_embeds"
+_OUTPUTS = "output_attentions output_hidden_states return_dict task_ids"
+PeftModelForCausalLM = _task_class("PeftModelForCausalLM", TaskType.CAUSAL_LM, f"{_COMMON} labels {_OUTPUTS}")
+PeftModelForSequenceClassification = _task_class("PeftModelForSequenceClassification", TaskType.SEQ_CLS,
+                                                 f"{_COMMON} labels {_OUTPUTS}")
+PeftModelForSeq2SeqLM = _task_class("PeftModelForSeq2SeqLM", TaskType.SEQ_2_SEQ_LM, f"{_COMMON} decoder_input_ids "
+                                    f"decoder_attention_mask decoder_inputs_embeds labels {_OUTPUTS}")
+PeftModelForTokenClassification = _task_class("PeftModelForTokenClassification", TaskType.TOKEN_CLS,
+                                              f"{_COMMON} labels {_OUTPUTS}")
+PeftModelForQuestionAnswering = _task_class(
+    "PeftModelForQuestionAnswering", TaskType.QUESTION_ANS,
+    f"input_ids attention_mask token_type_ids position_ids inputs_embeds start_positions end_positions {_OUTPUTS}")
+PeftModelForFeatureExtraction = _task_class("PeftModelForFeatureExtraction", TaskType.FEATURE_EXTRACTION,
+                                            f"{_COMMON} {_OUTPUTS}")
+TASK_CLASSES: dict[TaskType, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM, TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM, TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering, TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}
+
+
 def get_peft_model(model: nn.Module, peft_config: AdapterConfig, adapter_name: str = "default") -> PeftModel:
-    """Wrap `model` with a new adapter described by `peft_config` (any registered method's config)."""
+    """Wrap `model` with a new adapter described by `peft_config` (any registered method's config); as in PEFT, the
+    result is the task class of its task_type (PeftModelForCausalLM, ...) when it has one."""
     if isinstance(model, PeftModel):
         raise TypeError("This model is already a PeftModel; use model.add_adapter(name, config) to add another adapter.")
-    return PeftModel(model, peft_config, adapter_name)
+    check_adapter_name(adapter_name)
+    return PeftModel._class_for_task(peft_config.task_type)(model, peft_config, adapter_name)

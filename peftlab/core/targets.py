@@ -55,7 +55,9 @@ COMMON_LAYER_LISTS = ["layers", "h", "block", "blocks", "layer"]
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, Conv1D))
+    """nn.Linear, transformers' Conv1D, or a module holding a linear layer's weight in another form that says so with
+    a class attribute `linear_like = True` (QLoRA's NF4Linear, built at load time: "all-linear" must still find it)."""
+    return isinstance(module, (nn.Linear, Conv1D)) or getattr(type(module), "linear_like", False)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -108,9 +110,24 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
     return None
 
 
+MAX_PATTERN_CHARS = 4096  # a target regex is tens of characters; 10 MB took minutes and GBs to fail
+
+
+def check_pattern_size(spec, field: str) -> None:
+    """Refuse a regex too long to be meant: compiling and matching a 10 MB one takes minutes. Only a string is a
+    regex; a list holds module names matched by suffix in linear time, and a saved all-linear adapter of a large model
+    lists every adapted module's full path (Llama-70B: 560 paths, ~25,000 characters), so lists are not bounded."""
+    size = len(spec) if isinstance(spec, str) else 0
+    if size > MAX_PATTERN_CHARS:
+        raise ConfigError(f"{field} has {size:,} characters (at most {MAX_PATTERN_CHARS:,}): it starts "
+                          f"{str(spec)[:60]!r}. Give module names (e.g. ['q_proj', 'v_proj']) or a short regex.")
+
+
 def resolve_target_spec(config: AdapterConfig, model: nn.Module, defaults: dict[str, list[str]],
                         method_name: str) -> list[str] | str:
     """The config's target_modules, or the architecture default for this method."""
+    for field in ("target_modules", "exclude_modules"):
+        check_pattern_size(getattr(config, field, None), field)
     if config.target_modules is not None:
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)

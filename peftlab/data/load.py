@@ -38,6 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from ..io.names import clip as show  # a value for an error message: repr, cut to a limit
 from .config import PAIR_TASKS, SUFFIXES, TASKS, DataConfig, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -90,12 +91,6 @@ class BadRow(Exception):
         self.show_value = show_value
 
 
-def show(value: Any, limit: int = 80) -> str:
-    """A value for an error message: repr, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 # ---- reading files ---------------------------------------------------------------------------------------
 
 def expand_paths(spec: str | list[str], what: str) -> list[str]:
@@ -132,6 +127,7 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
     if suffix == ".txt":
         docs = _read_txt(path)
         return [{"text": d} for d in docs], ["text"]
+    _check_has_content(path)
     import datasets  # heavy import, only when a structured file is read
 
     kwargs: dict[str, Any] = {}
@@ -159,6 +155,21 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
         raise DataError(f"{path}: the file is one JSON object whose key {columns[0]!r} holds a list; the rows must be "
                         f"a top-level list of objects ([{{...}}, {{...}}]) or one object per line in a .jsonl file.")
     return rows, columns
+
+
+def _check_has_content(path: str) -> None:
+    """An empty file, or one of blank lines only, named as such (the readers below would say "StopIteration" or
+    "corresponds to no data"). Reads at most the first 64 KB."""
+    if _suffix(path) == ".parquet":
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(1 << 16)
+    if not head.strip():
+        what = "is empty (0 bytes)" if not head else "holds only blank lines"
+        example = {".csv": "a header row naming the columns, then one row per line",
+                   ".json": "a list of objects: [{...}, {...}]"}.get(_suffix(path), "one JSON object per line")
+        raise DataError(f"{path}: the file {what}; it needs rows: {example}. Check that it is the right file and "
+                        "that it was written completely.")
 
 
 @contextlib.contextmanager

@@ -389,17 +389,6 @@ def _quiet_hub() -> None:
         hub_logging.set_verbosity_error()
 
 
-def load_model(name_or_path: str | os.PathLike = DEFAULT_SHIPPED, auto_class=None, **kwargs):
-    """Load a pretrained model: a shipped name ("smollm2") from its converted folder, otherwise
-    `from_pretrained(name_or_path)`. `auto_class` defaults to AutoModelForCausalLM; kwargs go to from_pretrained."""
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
-    path = resolve_model(name_or_path)
-    if os.path.isdir(path):
-        return auto_class.from_pretrained(path, **kwargs)
-    return _from_hub(auto_class.from_pretrained, path, **kwargs)
-
-
 def load_tokenizer(name_or_path: str | os.PathLike = DEFAULT_SHIPPED, **kwargs):
     """The tokenizer that goes with `load_model(name_or_path)`."""
     from transformers import AutoTokenizer

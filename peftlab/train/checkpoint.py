@@ -4,8 +4,9 @@ A checkpoint is a folder `checkpoints/step-000123/` holding:
 - `adapter/`: the adapter in PEFT layout (also usable on its own);
 - `state.pt`: optimizer, scheduler, step, early-stopping state and RNG states. Read back with
   `torch.load(weights_only=True)`, which unpickles only tensors and plain containers, never code.
-The folder is built under a temporary name and renamed into place, so a crash never leaves a checkpoint
-that `--resume` would pick up half-written.
+The folder is built under a temporary name and swapped into place whole (io/atomic.py's atomic_folder), and old
+ones are renamed away before they are deleted, so a crash never leaves a checkpoint that `--resume` would pick up
+half-written or half-deleted.
 """
 
 from __future__ import annotations
@@ -13,12 +14,11 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
-import tempfile
 
 import torch
 
 from ..io import adapter_files
+from ..io.atomic import TEMP_MARK, atomic_folder, atomic_write_with, recover_folder, remove_folder
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -40,19 +40,11 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(root: str, step: int, peft_model, state: dict, keep: int) -> str:
     folder = os.path.join(root, f"step-{step:06d}")
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".step-{step:06d}.tmp-", dir=root)
-    try:
-        peft_model.save_pretrained(os.path.join(tmp, "adapter"))
-        torch.save(state, os.path.join(tmp, "state.pt"))
-        if os.path.exists(folder):  # the same step saved twice (e.g. a rerun): replace it
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_folder(folder) as staging:  # the same step saved twice (a rerun) is replaced whole
+        peft_model.save_pretrained(os.path.join(staging, "adapter"))
+        atomic_write_with(os.path.join(staging, "state.pt"), lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_folder(old)
     return folder
 
 
@@ -60,6 +52,9 @@ def list_checkpoints(root: str) -> list[str]:
     """Complete checkpoint folders, oldest first (temporary folders are ignored)."""
     if not os.path.isdir(root):
         return []
+    for name in os.listdir(root):  # a checkpoint swap killed between its two renames: put the old one back
+        if name.startswith(".step-") and TEMP_MARK in name:
+            recover_folder(os.path.join(root, name[1:].split(TEMP_MARK)[0]))
     steps = sorted((int(m.group(1)), name) for name in os.listdir(root) if (m := STEP_DIR.match(name)))
     return [os.path.join(root, name) for _, name in steps]
 

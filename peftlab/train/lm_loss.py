@@ -103,7 +103,20 @@ def _output_head(base: nn.Module) -> tuple[ChunkedPlan | None, str | None]:
                       "custom layer)")
     if linear.weight.device.type == "meta":
         return None, f"{path!r} has its weight on the meta device (offloaded); the loss needs it in memory"
+    if _sharded(base, linear):
+        return None, f"the model is sharded (FSDP): the loss would need {path!r}'s whole weight outside the forward"
     return ChunkedPlan(path, linear), None
+
+
+def _sharded(base: nn.Module, linear: nn.Module) -> bool:
+    """Whether FSDP2 shards the model (peftlab/train/fsdp.py): its blocks are FSDP modules, or the head's weight is a
+    DTensor shard (a root-only unit)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(linear.weight, DTensor) or any(isinstance(m, FSDPModule) for m in base.modules())
 
 
 def _logit_change(base: nn.Module) -> str | None:

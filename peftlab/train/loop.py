@@ -10,7 +10,8 @@ The loss of a micro-batch is the task's (`Task.forward`, tasks.py): one forward 
 reference forward for dpo.
 Before the first step (and before the optimizer is built) every active method's `prepare` hook runs once.
 Dividing by the global count (not averaging per micro-batch) makes accumulation and multi-process runs
-compute the same update as one large batch.
+compute the same update as one large batch. Under FSDP (fsdp.py) the model is sharded before the optimizer is built,
+and every save (checkpoints, the final adapter) gathers the adapter whole.
 
 Data order is a function of (seed, epoch) only, so the position in the data is just the step number:
 a checkpoint stores the step, and `--resume` continues to the same final adapter as an uninterrupted run.
@@ -29,17 +30,22 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from ..core.config import ConfigError
 from ..core.method import method_for_config
-from ..core.model import PeftModel, get_peft_model
+from ..core.model import PeftModel, get_peft_model, trainable_parameters_line
 from ..data import Collator, encode_rows, example_length, load_splits
-from ..io.atomic import atomic_write_text
+from ..io import adapter_files
+from ..io.atomic import atomic_write_text, remove_folder
+from ..io.lock import folder_lock
+from ..models.dtype import native_cpu
 from .model_loading import load_tokenizer_and_model
 from .sources import resolve_shipped
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
+from .fsdp import Sharding
 from .model_card import write_model_card
 from .prepare import PrepareRun
 from .lm_loss import describe_lm_loss
@@ -55,12 +61,21 @@ def resolve_precision(precision: str) -> str:
         return precision
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as fh:
-            flags = fh.read()
-    except OSError:
-        return "no"
-    return "bf16" if (" avx512_bf16" in flags or " amx_bf16" in flags) else "no"
+    return "bf16" if native_cpu(torch.bfloat16) else "no"
+
+
+def new_accelerator(precision: str) -> Accelerator:
+    """The run's Accelerator (mixed precision from `precision`; cpu=True without CUDA, so that under `accelerate
+    launch --num_processes N` Accelerate sets up gloo across the N processes instead of each training alone).
+
+    Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed_precision
+    ("AcceleratorState has already been initialized"): a notebook that ran transformers' Trainer (which makes one
+    with precision "no") could then never run a bf16 peftlab run. A state left by an earlier Accelerator that asked
+    for other precision is dropped first; the process group (PartialState) is kept, so launched runs are unchanged."""
+    mixed = resolve_precision(precision)
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
+        AcceleratorState._reset_state()  # accelerate's own reset (its tests use it); not the process group
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
 
 
 def param_groups_with_decay(peft_model: PeftModel, lr: float, weight_decay: float) -> list[dict]:
@@ -93,6 +108,10 @@ def lr_lambda(schedule: str, warmup: int, total: int):
     return factor
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradients became NaN/inf: the run stopped before that step changed any weight."""
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     if "seq_lens" in batch:
         return int(torch.as_tensor(batch["seq_lens"]).sum())
@@ -118,17 +137,15 @@ class Trainer:
         whose file already holds that phase's outcome (e.g. LoRA-drop's shared pairs, copied under every layer)."""
         self.run, self.cfg, self.log = run, run.train, log
         self.task: Task = TASK_TABLE[run.task]
-        # cpu=True without CUDA: under `accelerate launch --num_processes N` Accelerate then sets up gloo across
-        # the N processes (MULTI_CPU); without it each process would train alone.
-        self.accelerator = accelerator or Accelerator(mixed_precision=resolve_precision(self.cfg.precision),
-                                                      cpu=not torch.cuda.is_available())
+        self.accelerator = accelerator or new_accelerator(self.cfg.precision)
         set_seed(self.cfg.seed)
         splits = load_splits(resolve_shipped(run.data), run.task)
         self.data_report = splits.report
         self.label_names = splits.report.get("labels") if self.task.classifies else None
         label2id = {name: i for i, name in enumerate(self.label_names)} if self.label_names else None
         head_labels = self.label_names or (list(self.task.head_labels) if self.task.head_labels else None)
-        self.tokenizer, base = load_tokenizer_and_model(run.model, self.task.auto_model, head_labels)
+        self.tokenizer, base = load_tokenizer_and_model(run.model, self.task.auto_model, head_labels,
+                                                              dtype=run.base_dtype, method_config=run.method)
         self.train_examples = encode_rows(splits.train, run.task, self.tokenizer, run.data, label2id)
         self.eval_examples = encode_rows(splits.eval, run.task, self.tokenizer, run.data, label2id)
         # Packed rows rely on a 4D block-diagonal mask; the collator refuses attention kernels that ignore it.
@@ -168,11 +185,23 @@ class Trainer:
         # A method's phase before the main training (Method.prepare, e.g. LoRA-drop's layer selection) may change
         # which tensors train, so the optimizer is built after it. Markdown notes it returns go into the model card.
         self.method_notes = self.peft_model.prepare(PrepareRun(self)) if prepare else []
+        if self.accelerator.is_main_process:  # PEFT's print_trainable_parameters line, after prepare (which may
+            self.log(trainable_parameters_line(*self.peft_model.get_nb_trainable_parameters()))  # change it)
+        # FSDP (fsdp.py): peftlab shards the model itself where Accelerate will not (CPU), before the optimizer is
+        # built, since fully_shard replaces every parameter by its shard.
+        self.sharding = Sharding(self.accelerator)
+        self.sharding.check_methods(self.peft_model)
+        self.sharding.shard(self.peft_model)
+        if self.sharding.active:
+            self.log(self.sharding.describe(world))
         self.optimizer = torch.optim.AdamW(param_groups_with_decay(self.peft_model, self.cfg.lr, self.cfg.weight_decay))
         warmup = self.cfg.warmup_steps or int(self.cfg.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.cfg.scheduler, warmup, self.total_steps))
-        self.model, self.optimizer = self.accelerator.prepare(self.peft_model, self.optimizer)
+        if self.sharding.mode == "torch":  # already sharded: Accelerate would wrap it in DDP on top
+            self.model = self.peft_model
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.peft_model, self.optimizer)
         if self.task.chunkable:  # train.chunked_loss: say which loss runs (and fail now if `on` cannot be exact)
             probe = self._to_device(self.collator(self.train_examples[:1]))["input_ids"]
             self.log(describe_lm_loss(self.peft_model, self.cfg.chunked_loss, probe))
@@ -257,18 +286,24 @@ class Trainer:
         if not found:
             raise ConfigError(f"--resume: no checkpoint under {self._checkpoint_root()}; "
                               "train.save_every must be > 0 in the run being resumed.")
-        state = load_checkpoint(found[-1], self.peft_model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with self.sharding.full_adapter_tensors(self.peft_model, write_back=True):  # under FSDP: into every shard
+            state = load_checkpoint(found[-1], self.peft_model)
+        self.sharding.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         self.state = RunState(**state["run_state"])
         self.log(f"resumed from {found[-1]} at step {self.state.step}")
 
     def _save_checkpoint(self) -> None:
-        if self.accelerator.is_main_process:
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": rng_state(), "run_state": dataclasses.asdict(self.state)}
-            save_checkpoint(self._checkpoint_root(), self.state.step, self.peft_model, state, self.cfg.keep_checkpoints)
+        # Under FSDP every process takes part in gathering the adapter and the optimizer state; the main one writes.
+        optimizer_state = self.sharding.optimizer_state(self.model, self.optimizer)
+        with self.sharding.full_adapter_tensors(self.peft_model):
+            self._check_weights_finite()
+            if self.accelerator.is_main_process:
+                state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
+                         "rng": rng_state(), "run_state": dataclasses.asdict(self.state)}
+                save_checkpoint(self._checkpoint_root(), self.state.step, self.peft_model, state,
+                                self.cfg.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
     def _step(self) -> tuple[float, int, int]:
@@ -282,7 +317,8 @@ class Trainer:
         loss_total = torch.zeros((), device=acc.device)
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1
-            with (contextlib.nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+            with (contextlib.nullcontext() if sync else acc.no_sync(self.model)), \
+                    self.sharding.no_sync(self.model, skip=not sync), acc.autocast():
                 loss_sum = self.task.forward(self.model, self.peft_model, batch, self.run).loss_sum
                 loss = loss_sum * acc.num_processes / max(units, 1)
                 extra = self.peft_model.extra_loss()
@@ -290,8 +326,10 @@ class Trainer:
                     loss = loss + extra / len(batches)
             acc.backward(loss)
             loss_total += loss_sum.detach()
+        grad_norm = None
         if cfg.max_grad_norm is not None:
-            acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+            grad_norm = acc.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self._stop_if_non_finite(loss_total, grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
@@ -300,6 +338,46 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         summed = acc.reduce(loss_total, "sum") if acc.num_processes > 1 else loss_total
         return float(summed), int(units), int(tokens)
+
+    def _stop_if_non_finite(self, loss: torch.Tensor, grad_norm) -> None:
+        """Raise TrainingDivergedError before the optimizer applies a NaN/inf update; every process decides alike.
+        Without clipping the gradients are checked directly (one pass over the few trained tensors; under FSDP each
+        process checks its shards)."""
+        acc = self.accelerator
+        if grad_norm is not None:
+            grads_ok = torch.isfinite(torch.as_tensor(grad_norm, device=acc.device).float()).all()
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.requires_grad and p.grad is not None]
+            grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
+            grads_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        bad = (~(torch.isfinite(loss.detach()).all() & grads_ok.to(loss.device))).float()
+        if acc.num_processes > 1:
+            bad = acc.reduce(bad, "sum")
+        if bool(bad > 0):
+            norm = f"{float(grad_norm):g}" if grad_norm is not None else ("finite" if bool(grads_ok) else "NaN/inf")
+            self._diverged(f"the loss is {float(loss):g}, the gradients {norm}", self.state.step + 1)
+
+    def _check_weights_finite(self) -> None:
+        """Before a checkpoint or the final adapter is written (the whole adapter in place, also under FSDP): finite
+        gradients times a huge learning rate still overflow the weights."""
+        try:
+            adapter_files.check_finite(dict(self.peft_model.trainable_tensors("default")), "the trained weights")
+        except adapter_files.AdapterFileError:
+            self._diverged("the trained weights hold NaN/inf values", self.state.step)
+
+    def _diverged(self, what: str, step: int) -> None:
+        cfg = self.cfg
+        hint = f"lower train.lr (now {cfg.lr:g}; e.g. train.lr={cfg.lr / 10:g})"
+        if cfg.max_grad_norm is None:
+            hint += " or set train.max_grad_norm=1.0"
+        if cfg.precision == "fp16":
+            hint += ", or use train.precision=bf16/fp32 (fp16 overflows)"
+        found = list_checkpoints(self._checkpoint_root())
+        kept = (f"the last good checkpoint is {found[-1]} (continue from it with --resume once the config is fixed)"
+                if found else "no checkpoint was saved before it")
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: {what}. The likely cause is a learning rate too high: {hint}. "
+            f"Nothing of step {step} or after was saved; {kept}.")
 
     def fit(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
@@ -357,8 +435,11 @@ class Trainer:
         if logger:
             logger.write({"step": self.state.step, "split": "eval", **after})
             logger.close()
+        with self.sharding.full_adapter_tensors(self.peft_model):  # FSDP: one whole adapter, not shards
+            self._check_weights_finite()
+            if main:
+                self.peft_model.save_pretrained(result["adapter_dir"])
         if main:
-            self.peft_model.save_pretrained(result["adapter_dir"])
             write_model_card(result["adapter_dir"], self.run, result)
             saved = self.run.to_dict()
             if self.label_names and saved["data"].get("labels") is None:
@@ -385,7 +466,9 @@ class _MetricsLogger:
                 self.tb = None
 
     def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
+        # NaN/inf written by json.dumps are not JSON (`NaN` is a JavaScript literal): such a value becomes null.
+        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        self.fh.write(json.dumps(record, allow_nan=False) + "\n")
         self.fh.flush()
         if self.tb is not None:
             for key, value in record.items():
@@ -398,7 +481,37 @@ class _MetricsLogger:
             self.tb.close()
 
 
-def train(run: RunConfig, resume: bool = False, log=print) -> dict:
+# What a run leaves in its output folder: a folder holding any of these holds (part of) an earlier run.
+RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "checkpoints", "adapter", "tb")
+
+
+def train(run: RunConfig, resume: bool = False, log=print, overwrite: bool = False) -> dict:
+    """Run `run` into train.output_dir, holding the folder's lock (io/lock.py) for the whole run: a second run into
+    the same folder fails at once. A folder with an earlier run's outputs is refused unless `resume` (continue it) or
+    `overwrite` (delete those outputs first): a new run never mixes its files or metrics with another's."""
+    out = run.train.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"train.output_dir {out!r} is a file, not a folder; choose a folder path.")
+    if os.environ.get("RANK", "0") != "0":  # the other processes of a distributed run: rank 0 holds the lock
+        return _train(run, resume, log)
+    with folder_lock(out, "train.output_dir", log):
+        found = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out, name))]
+        if found and overwrite:
+            log(f"--overwrite: deleting the earlier run's {', '.join(found)} in {out}")
+            for name in found:
+                path = os.path.join(out, name)
+                if os.path.isdir(path):
+                    remove_folder(path)
+                else:
+                    os.remove(path)
+        elif found and not resume:
+            raise ConfigError(
+                f"train.output_dir {out!r} already holds a run ({', '.join(found)}). Pass --overwrite to replace it, "
+                "--resume to continue it from its last checkpoint, or choose another train.output_dir.")
+        return _train(run, resume, log)
+
+
+def _train(run: RunConfig, resume: bool, log) -> dict:
     if run.task == "ppo":  # rollouts + PPO updates: its own loop (ppo.py)
         from .ppo import train_ppo
 

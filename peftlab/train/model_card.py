@@ -7,7 +7,16 @@ import os
 
 import yaml
 
+from ..core.model import trainable_parameters_line
 from ..io.atomic import atomic_write_text
+
+
+def _parameters_line(result: dict) -> str:
+    """PEFT's print_trainable_parameters figures (what `peftlab train` printed at the start), or nothing for a method
+    that reports none."""
+    if not result.get("all_params"):
+        return ""
+    return f"Parameters: {trainable_parameters_line(result['trainable_params'], result['all_params'])}\n\n"
 
 
 def write_model_card(adapter_dir: str, run, result: dict) -> str:
@@ -17,6 +26,7 @@ def write_model_card(adapter_dir: str, run, result: dict) -> str:
         f"| {k} | {before[k]:.4f} | {v:.4f} |" if k in before else f"| {k} | - | {v:.4f} |"
         for k, v in after.items() if isinstance(v, float))
     data = config["data"]
+    params = _parameters_line(result)
     text = f"""---
 library_name: peftlab
 base_model: {run.model}
@@ -36,7 +46,7 @@ model = PeftModel.from_pretrained(base_model, "{adapter_dir}")
 - train: `{data['train_file']}`; eval: `{data.get('eval_file') or f"{data['eval_fraction']:.0%} of train, seed {data['seed']}"}`
 - rows: {json.dumps(result.get('data', {}).get('counts', result.get('data', {})), default=str)[:600]}
 
-## Results ({result['steps']} optimizer steps, {result['train_seconds']:.0f} s, {result['tokens_per_s']:.0f} tokens/s)
+{params}## Results ({result['steps']} optimizer steps, {result['train_seconds']:.0f} s, {result['tokens_per_s']:.0f} tokens/s)
 
 | metric | before | after |
 |---|---|---|

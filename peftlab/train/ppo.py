@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 
 import torch
 import yaml
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -310,7 +309,7 @@ def load_value_head(adapter_dir: str) -> nn.Linear:
 
 class PPOTrainer:
     def __init__(self, run, reward_fn: RewardFn | None = None, log=print) -> None:
-        from .loop import lr_lambda, param_groups_with_decay, resolve_precision
+        from .loop import lr_lambda, new_accelerator, param_groups_with_decay
 
         self.run, self.cfg, self.ppo, self.log = run, run.train, run.ppo, log
         if run.task != "ppo" or run.ppo is None:
@@ -322,15 +321,15 @@ class PPOTrainer:
                 "run (e.g. out/reward_movie_reviews/adapter), or pass reward_fn=... in the Python API"
                 + (" (both were given)." if reward_fn is not None else "."))
         self.reward_fn = reward_fn
-        self.accelerator = Accelerator(mixed_precision=resolve_precision(self.cfg.precision),
-                                       cpu=not torch.cuda.is_available())
+        self.accelerator = new_accelerator(self.cfg.precision)
         if self.accelerator.num_processes > 1:
             raise ConfigError("task ppo runs in one process (its rollouts are not sharded); launch it without "
                               "`accelerate launch --num_processes`.")
         self.device = self.accelerator.device
         set_seed(self.cfg.seed)
         self.train_prompts, self.eval_prompts, self.data_report = load_prompts(run)
-        self.tokenizer, base = load_tokenizer_and_model(run.model, "AutoModelForCausalLM")
+        self.tokenizer, base = load_tokenizer_and_model(run.model, "AutoModelForCausalLM", dtype=run.base_dtype,
+                                                              method_config=run.method)
         self.pad_id = self.tokenizer.pad_token_id
         eos = self.tokenizer.eos_token_id
         if eos is None:

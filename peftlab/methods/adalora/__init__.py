@@ -102,6 +102,7 @@ METHOD = register(Method(
     summary="LoRA in SVD form P diag(E) Q with the rank budget allocated by importance during training (AdaLoRA)",
     default_targets=ADALORA_TARGETS,
     on_step=update_and_allocate,
+    tuner_calls={"update_and_allocate": update_and_allocate},  # PEFT's hand-called form of on_step
     extra_loss=orthogonal_regularizer,
     to_file=_keep_only_kept_triplets,
     load_targets=_check_pruned_file,

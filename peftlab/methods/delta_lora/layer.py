@@ -25,6 +25,11 @@ class DeltaLoraLinear(LoraLinear):
 
     def add_adapter(self, adapter_name: str, config: DeltaLoraConfig, module_name: str) -> None:
         super().add_adapter(adapter_name, config, module_name)
+        weight = self.base_layer.weight
+        if weight.dtype in (torch.bfloat16, torch.float16):
+            # The base weight trains (step_base_weight adds each step's change): fp32 master copy, as for every
+            # trained tensor, whatever dtype the base was loaded in; a bf16 W would round the small changes away.
+            weight.data = weight.data.to(torch.float32)
         self.remember(adapter_name)
 
     @torch.no_grad()

@@ -52,9 +52,16 @@ class LoraConfig(AdapterConfig):
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overriding lora_alpha, matched like rank_pattern."""
 
+    use_dora: bool = False
+    """True: DoRA (PEFT's spelling): `LoraConfig(use_dora=True)` builds a DoraConfig, the `dora` method. Only
+    LoraConfig and DoraConfig take it."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        if self.use_dora is not False and "claims_file" not in type(self).__dict__:
+            raise ConfigError(f"{name}.use_dora={self.use_dora!r} is not valid: DoRA is LoraConfig(use_dora=True) "
+                              f"(or DoraConfig), and {name} has no DoRA variant. Remove use_dora.")
         check_number(name, "r", self.r, low=1, integer=True)
         check_number(name, "lora_alpha", self.lora_alpha)
         check_number(name, "lora_dropout", self.lora_dropout, low=0, high=1, high_inclusive=False)

@@ -27,7 +27,9 @@ from .init import INITIALIZERS, parse_init
 
 
 def _adapter_dtype(base_weight: torch.Tensor) -> torch.dtype:
-    return torch.float32 if base_weight.dtype in (torch.float16, torch.bfloat16) else base_weight.dtype
+    # fp32 also for a quantised base's integer codes (bitsandbytes' uint8), as PEFT keeps adapters there
+    half = base_weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if half or not base_weight.is_floating_point() else base_weight.dtype
 
 
 class LoraLayer(AdapterLayer):

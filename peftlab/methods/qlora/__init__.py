@@ -2,7 +2,9 @@
 
 nf4.py is the format in plain torch (quantise, pack, dequantise; memory and error bounds); bnb.py uses bitsandbytes'
 kernels for it where installed; layer.py holds the NF4 base layer and the LoRA wrapper (forward, merging, unloading);
-config.py the config. Files are plain LoRA files (peft_type "LORA")."""
+config.py the config; load.py quantises the targeted weights as the checkpoint is read (`peftlab train`, or
+`load_model(..., quantize=METHOD.quantize_at_load(config))`), so the full-precision base is never held. Files are plain
+LoRA files (peft_type "LORA")."""
 
 from torch import nn
 
@@ -11,6 +13,7 @@ from ...core.targets import ATTENTION_QV_TARGETS, Conv1D
 from ..lora.combine import combine_lora
 from .config import QLoraConfig
 from .layer import NF4Linear, QLoraLinear
+from .load import quantize_at_load
 from .nf4 import dequantize_nf4, quantize_nf4
 
 METHOD = register(Method(
@@ -22,6 +25,7 @@ METHOD = register(Method(
             "(files: LORA)",
     default_targets=ATTENTION_QV_TARGETS,
     combine=combine_lora,
+    quantize_at_load=lambda config: quantize_at_load(config, ATTENTION_QV_TARGETS),
 ))
 
-__all__ = ["QLoraConfig", "QLoraLinear", "NF4Linear", "quantize_nf4", "dequantize_nf4", "METHOD"]
+__all__ = ["QLoraConfig", "QLoraLinear", "NF4Linear", "quantize_nf4", "dequantize_nf4", "quantize_at_load", "METHOD"]

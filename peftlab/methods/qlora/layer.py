@@ -33,7 +33,10 @@ Merging (`merge_adapter`, `merge_and_unload`): W_hat + s B A is computed in fp32
 nn.Linear (Conv1D) holding it in the base weight's original dtype: the merged model is NOT re-quantised (re-quantising
 would round most of the update away: its entries are far below the NF4 steps of 0.08-0.28 x the block's absmax), so
 merged layers take full-precision memory again. While merged, the NF4 base is kept aside (1/8 of an fp32 weight), so
-that `unmerge_adapter` restores it exactly.
+that `unmerge_adapter` restores it exactly. (Core's merge loop runs it: `weight_to_merge_into` gives W_hat,
+`store_merged_weight` swaps in the float layer.) `peftlab merge` does the same from a saved adapter, whose file reads as
+plain LoRA: the run's run_config.yaml (or --method qlora) says it is QLoRA, and the base is loaded and quantised as the
+run did before the merge.
 
 Unloading (`unload`, deleting a layer's last adapter) puts a plain nn.Linear (Conv1D) with W_hat back into the model:
 the original full-precision weights are gone since quantisation, so quantise -> unload is lossy (the error bound is
@@ -128,6 +131,8 @@ class NF4Linear(nn.Module):
     scales are buffers (`absmax`, and with double quantisation `absmax_scale`, `absmax_offset`; fp32 ones stored as
     int32 bits, see `_as_bits`). `bias` is the original module's bias parameter, unchanged."""
 
+    linear_like = True  # a linear layer to target matching ("all-linear"), e.g. when quantised at load (load.py)
+
     def __init__(self, packed: torch.Tensor, state: NF4State, bias: nn.Parameter | None, in_features: int,
                  out_features: int, fan_in_fan_out: bool = False, backend: str = "auto",
                  compute_dtype: str = "auto") -> None:
@@ -143,9 +148,11 @@ class NF4Linear(nn.Module):
         self.bias = bias
 
     @classmethod
-    def from_float(cls, module: nn.Module, settings: QuantSettings = QuantSettings()) -> "NF4Linear":
-        """Quantise `module`'s weight (nn.Linear (out, in), Conv1D (in, out): each in its stored layout)."""
-        weight = module.weight.detach()
+    def from_float(cls, module: nn.Module, settings: QuantSettings = QuantSettings(),
+                   weight: torch.Tensor | None = None) -> "NF4Linear":
+        """Quantise `module`'s weight (nn.Linear (out, in), Conv1D (in, out): each in its stored layout), or `weight`
+        in its place (loading: the tensor just read for a module still on the meta device; see load.py)."""
+        weight = module.weight.detach() if weight is None else weight
         if settings.backend == "bitsandbytes":
             packed, state = bnb.quantize(weight, settings.blocksize, settings.double_quant)
         else:  # "auto" quantises with the reference too: the same quantised model with or without bitsandbytes
@@ -299,35 +306,28 @@ class QLoraLinear(LoraLinear):
             self.base_layer = NF4Linear.from_float(self.base_layer, settings)
 
     # ---- merging: into a float copy of the dequantised weight; the NF4 base is kept aside ------------------
+    # Core's merge loop (AdapterLayer.merge: merged_weight, safe_merge, bookkeeping) runs with these two hooks.
 
-    def merge(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        names = self.active_adapters if adapter_names is None else adapter_names
-        names = [n for n in names if n in self.adapter_names and n not in self.merged_adapters]
-        quantised = self.quantised_base
-        if not names or quantised is None:
+    def weight_to_merge_into(self) -> torch.Tensor:
+        """W_hat, the dequantised NF4 weight the adapter was trained against (fp32), for the first merge; then the
+        merged float layer's weight."""
+        if self.merged_adapters:
+            return self.base_layer.weight.data
+        return self.quantised_base.dequantized_weight(torch.float32)
+
+    def store_merged_weight(self, weight: torch.Tensor) -> None:
+        if self.merged_adapters:  # already a float layer: write into it
+            super().store_merged_weight(weight)
             return
-        with torch.no_grad():
-            if self.merged_adapters:  # already a float layer: add to it
-                weight = self.base_layer.weight.detach().to(torch.float32)
-            else:
-                weight = quantised.dequantized_weight(torch.float32)
-            for name in names:
-                weight = weight + self.delta_weight(name).to(torch.float32)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(
-                f"Merging adapters {names} would put NaN/inf into the weight; the layer was left unchanged. Check the "
-                "adapter weights for NaN/inf."
-            )
         warnings.warn(
             "QLoRA merge: the adapters were added to the dequantised 4-bit base weights, and the merged layers are "
             "plain full-precision nn.Linear layers, NOT re-quantised (re-quantising would round most of the update "
             "away); they take full-precision memory. unmerge_adapter() restores the 4-bit base exactly.",
-            UserWarning, stacklevel=3,
+            UserWarning, stacklevel=4,
         )
-        if not self.merged_adapters:
-            self.set_aside = [quantised]
+        quantised = self.quantised_base
+        self.set_aside = [quantised]
         self.base_layer = quantised.to_float(weight)
-        self.merged_adapters.extend(names)
 
     def unmerge(self) -> None:
         """Put the NF4 base back (exactly as before the merge) and drop the float layer."""

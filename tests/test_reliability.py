@@ -1,0 +1,640 @@
+"""Nothing lost, nothing silently wrong (issue 15): each guarantee in README's "What peftlab guarantees", tested.
+
+- Folder writes are all-or-nothing: a kill at any instant of a save leaves the complete old folder or the complete
+  new one, for adapter folders, merged model folders, checkpoints and compare outputs. Proven by fault injection
+  at every step a write makes on disk (io/atomic.py's `fault_hook`): the disk is snapshotted there, as a kill would
+  leave it, and each snapshot is read back as the next process would read it.
+- Config and weights that were not saved together are refused; so are NaN/inf weights (unless allowed).
+- Adapter names are one path component; a base model is wrapped by one PeftModel at a time.
+- One run per output folder (an OS lock), never mixed with an earlier run; a diverging run stops.
+- Every CLI failure a user can fix is one line, `--help` and config-file errors come before torch is imported.
+
+Models are the tiny ones of tests/conftest.py; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+import peftlab.io.atomic as atomic
+from peftlab import AdapterFileError, ConfigError, LoraConfig, PeftModel, get_peft_model
+from peftlab.cli.main import main
+from peftlab.io import adapter_files
+from peftlab.io.lock import FolderLockedError, folder_lock
+from peftlab.train import train
+from peftlab.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from peftlab.train.loop import TrainingDivergedError
+
+from .conftest import model_inputs, output_of, run_config, sentences, tiny_llama, tiny_tokenizer, write_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------------
+
+def state_of(folder) -> dict[str, str] | None:
+    """{relative path: sha256} of every file under `folder` (None if there is no folder). Hidden temporaries of
+    io/atomic.py are left out: no loader reads them."""
+    if not os.path.isdir(folder):
+        return None
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if atomic.TEMP_MARK not in d]
+        for name in files:
+            if atomic.TEMP_MARK in name or ".tmp-" in name:
+                continue
+            path = os.path.join(root, name)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(fh.read()).hexdigest()
+    return out
+
+
+class Snapshots:
+    """fault_hook that copies `root` at every step of a write: the disk as a kill at that instant leaves it."""
+
+    def __init__(self, root, into) -> None:
+        self.root, self.into, self.paths, self.steps = str(root), str(into), [], []
+
+    def __call__(self, what: str) -> None:
+        path = os.path.join(self.into, f"{len(self.paths):03d}")
+        shutil.copytree(self.root, path, symlinks=True)
+        self.paths.append(path)
+        self.steps.append(what)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def plant_stale_temporaries(target) -> None:
+    """What an earlier save killed half way leaves beside `target`: a staging folder and a backup, both owned by a
+    process that is gone. They must be ignored and cleaned, never taken for the folder."""
+    head, base = os.path.split(str(target))
+    pid = dead_pid()
+    for kind in ("new", "old"):
+        junk = os.path.join(head, f".{base}{atomic.TEMP_MARK}{kind}-{pid}-0000beef")
+        os.makedirs(junk)
+        with open(os.path.join(junk, "adapter_config.json"), "w") as fh:
+            fh.write("{half")
+
+
+def lora(seed: int, r: int, alpha: int, targets=("q_proj", "v_proj")) -> PeftModel:
+    base = tiny_llama()
+    torch.manual_seed(seed)  # after the base (built from seed 0): the adapter's own weights differ by seed
+    return get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                                   init_lora_weights=False))
+
+
+@pytest.fixture(params=[True, False], ids=["exchange", "two-renames"])
+def swap_mode(request, monkeypatch):
+    """Both ways of swapping a folder in: renameat2(RENAME_EXCHANGE), and the two-rename fallback."""
+    monkeypatch.setattr(atomic, "use_exchange", request.param)
+    return request.param
+
+
+def kill_everywhere(tmp_path, root, write, read_back) -> tuple[tuple, tuple, list[str]]:
+    """Run `write()` once with a snapshot at every step; return (states before, states after, the steps).
+    `read_back(root)` recovers as a loader would and returns the state of each folder that is one unit (an adapter
+    save writes each adapter's folder as one); in every snapshot each unit must be in its old or its new state."""
+    before = read_back(str(root))
+    snaps = Snapshots(root, tmp_path / "snaps")
+    atomic.fault_hook = snaps
+    try:
+        write()
+    finally:
+        atomic.fault_hook = None
+    after = read_back(str(root))
+    assert after != before and after is not None
+    assert len(snaps.paths) >= 4, snaps.steps
+    for path, step in zip(snaps.paths, snaps.steps):
+        for unit, (seen, old, new) in enumerate(zip(read_back(path), before, after)):
+            assert seen in (old, new), f"killed at {step!r}: folder {unit} holds neither its old nor its new content"
+    return before, after, snaps.steps
+
+
+# ---- 1. folders: old or new at every instant ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kill_during_adapter_save_leaves_old_or_new_adapter(tmp_path, swap_mode, seed):
+    """save_pretrained over an existing adapter, killed at every step. Randomised: the change is a scaling field
+    only (same shapes: the mixed folder used to load silently with the wrong scaling) or the rank; a second adapter
+    in a subfolder, a user's README beside the files, stale temporaries of an earlier kill."""
+    rng = random.Random(seed)
+    root = tmp_path / "root"
+    folder = root / "adapter"
+    old_r, new_r = 4, rng.choice([4, 8])
+    new_alpha = 8 if new_r != old_r else rng.choice([16, 32])
+    old = lora(seed, old_r, 8)
+    new = lora(seed + 100, new_r, new_alpha)
+    if rng.random() < 0.5:
+        old.add_adapter("second", LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False))
+        new.add_adapter("second", LoraConfig(r=2, lora_alpha=4, target_modules=["k_proj"], init_lora_weights=False))
+    old.save_pretrained(folder)
+    (folder / "README.md").write_text("the user's notes")
+    if rng.random() < 0.5:
+        plant_stale_temporaries(folder)
+
+    def read_back(r):
+        units = []
+        for sub in ("adapter", "adapter/second"):  # each adapter's folder is one unit
+            atomic.recover_folder(os.path.join(r, sub))  # what resolve_adapter_dir runs first for every loader
+            state = state_of(os.path.join(r, sub))
+            units.append(state and {k: v for k, v in state.items() if not k.startswith("second/")})
+        return tuple(units)
+
+    kill_everywhere(tmp_path, root, lambda: new.save_pretrained(folder), read_back)
+    assert (folder / "README.md").read_text() == "the user's notes"
+    assert not [n for n in os.listdir(root) if atomic.TEMP_MARK in n], "stale temporaries left beside the folder"
+    loaded = PeftModel.from_pretrained(tiny_llama(), folder)
+    torch.testing.assert_close(output_of(loaded, model_inputs("llama")), output_of(new, model_inputs("llama")),
+                               rtol=0, atol=0)
+
+
+def test_kill_during_merged_model_save_leaves_old_or_new_folder(tmp_path, swap_mode):
+    from peftlab.cli.merge_cmd import save_merged
+
+    root = tmp_path / "root"
+    out = str(root / "merged")
+    tokenizer = tiny_tokenizer()
+    save_merged(lora(0, 4, 8).merge_and_unload(), tokenizer, out)
+    new = lora(1, 4, 16).merge_and_unload()
+    kill_everywhere(tmp_path, root, lambda: save_merged(new, tokenizer, out),
+                    lambda r: (atomic.recover_folder(os.path.join(r, "merged")), state_of(os.path.join(r, "merged")))[1:])
+
+
+def test_kill_during_checkpoint_save_and_pruning_never_lists_a_partial_checkpoint(tmp_path, swap_mode):
+    """A rerun saves step 2 again (replacing it whole) and prunes step 1 (keep=1). At every instant, the checkpoints
+    --resume would list are complete: each one is the old or the new step-2, or the intact step-1."""
+    root = tmp_path / "root"
+    ckpts = str(root / "checkpoints")
+    model = lora(0, 4, 8)
+    save_checkpoint(ckpts, 1, model, {"step": 1}, keep=5)
+    save_checkpoint(ckpts, 2, model, {"step": 2}, keep=5)
+    rerun = lora(1, 4, 8)
+
+    def read_back(r):
+        found = list_checkpoints(os.path.join(r, "checkpoints"))  # recovers, as --resume does
+        return tuple(json.dumps(state_of(f), sort_keys=True) for f in found)
+
+    before = read_back(str(root))
+    known = set(before)  # the intact step-1 and the old step-2
+    snaps = Snapshots(root, tmp_path / "snaps")
+    atomic.fault_hook = snaps
+    try:
+        save_checkpoint(ckpts, 2, rerun, {"step": 2, "rerun": True}, keep=1)
+    finally:
+        atomic.fault_hook = None
+    after = read_back(str(root))
+    known.add(after[-1])
+    assert len(after) == 1 and len(snaps.paths) >= 6
+    for path, step in zip(snaps.paths, snaps.steps):
+        listed = read_back(path)
+        assert listed and all(s in known for s in listed), f"killed at {step!r}: a partial checkpoint is listed"
+        assert listed[-1] in (before[-1], after[-1]), f"killed at {step!r}: the newest checkpoint is neither"
+    fresh = lora(2, 4, 8)
+    assert load_checkpoint(list_checkpoints(ckpts)[-1], fresh)["rerun"] is True
+
+
+def test_kill_during_compare_output_leaves_each_file_old_or_new(tmp_path):
+    """`peftlab compare`'s table and plots: rewritten with new results, killed at every step; each output file holds
+    its old or its new bytes, never a part."""
+    from peftlab.compare import build_compare_config
+    from peftlab.compare.runner import write_outputs
+
+    root = tmp_path / "cmp"
+    config = build_compare_config({
+        "model": "unused", "task": "classify", "data": {"train_file": str(tmp_path / "d.jsonl")},
+        "train": {"output_dir": str(root)}, "methods": [{"name": "lora", "method": {"name": "lora"}}]})
+    result = {"label": "lora", "method": "lora", "status": "ok", "trainable_params": 10, "all_params": 100,
+              "after": {"accuracy": 0.5, "loss": 0.7}, "wall_seconds": 1.0}
+    write_outputs(config, [result])
+    files = sorted(n for n in os.listdir(root) if n.startswith("results") or n.endswith(".png"))
+    assert len(files) == 4
+    result = {**result, "after": {"accuracy": 0.9, "loss": 0.2}, "trainable_params": 20}
+    per_file = lambda r: {n: state_of(r).get(n) for n in files}  # noqa: E731
+    before = per_file(str(root))
+    snaps = Snapshots(root, tmp_path / "snaps")
+    atomic.fault_hook = snaps
+    try:
+        write_outputs(config, [result])
+    finally:
+        atomic.fault_hook = None
+    after = per_file(str(root))
+    assert all(before[n] != after[n] for n in ("results.md", "results.csv"))
+    for path, step in zip(snaps.paths, snaps.steps):
+        seen = per_file(path)
+        for name in files:
+            assert seen[name] in (before[name], after[name]), f"killed at {step!r}: {name} is partial"
+
+
+def test_a_failing_write_keeps_the_old_folder_and_leaves_no_temporaries(tmp_path, swap_mode):
+    """A write that fails (disk full, at a random step) is not a kill: the old adapter stays, and the staging
+    folder is removed."""
+    folder = tmp_path / "adapter"
+    old = lora(0, 4, 8)
+    old.save_pretrained(folder)
+    before = state_of(folder)
+    new = lora(1, 4, 32)
+    count = []
+    atomic.fault_hook = count.append
+    new.save_pretrained(tmp_path / "probe")
+    steps = len(count)
+    for k in random.Random(0).sample(range(steps), min(steps, 5)):
+        calls = []
+
+        def fail(what, k=k, calls=calls):
+            calls.append(what)
+            if len(calls) == k + 1:
+                raise OSError(errno.ENOSPC, "No space left on device", "adapter_model.safetensors")
+
+        atomic.fault_hook = fail
+        try:
+            new.save_pretrained(folder)
+        except OSError:
+            pass
+        finally:
+            atomic.fault_hook = None
+        assert state_of(folder) in (before, state_of(tmp_path / "probe")), calls[-1]
+        assert not [n for n in os.listdir(tmp_path) if atomic.TEMP_MARK in n]
+        if state_of(folder) != before:  # failed after the swap (deleting the old copy): new is complete
+            old.save_pretrained(folder)
+
+
+# ---- 2. config and weights belong together; non-finite weights ----------------------------------------------------
+
+def test_config_from_another_save_is_refused_even_with_the_same_shapes(tmp_path):
+    """The old failure: new weights beside an old config (only lora_alpha differs) loaded silently, wrong scaling."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    lora(0, 4, 8).save_pretrained(a)
+    lora(1, 4, 32).save_pretrained(b)
+    shutil.copy(a / "adapter_config.json", b / "adapter_config.json")
+    with pytest.raises(AdapterFileError, match=r"does not match the config adapter_model\.safetensors was saved with "
+                                               r"\(lora_alpha: config 8 vs weights saved with 32\)"):
+        PeftModel.from_pretrained(tiny_llama(), b)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "elsewhere/model"  # where the base comes from: not checked
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    PeftModel.from_pretrained(tiny_llama(), a)
+
+
+def nan_adapter(folder):
+    model = lora(0, 4, 8)
+    with torch.no_grad():
+        next(iter(model.trainable_tensors("default").values())).fill_(float("nan"))
+    model.save_pretrained(folder)
+    return model
+
+
+def test_non_finite_adapter_weights_are_refused_unless_allowed(tmp_path):
+    model = nan_adapter(tmp_path / "nan")
+    with pytest.raises(AdapterFileError, match=r"hold NaN or inf values.*allow_non_finite=True"):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path / "nan")
+    base = tiny_llama()
+    with pytest.raises(AdapterFileError, match="NaN or inf"):
+        lora(1, 4, 8).load_adapter(tmp_path / "nan", "other")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "nan", allow_non_finite=True)
+    assert torch.isnan(next(iter(loaded.trainable_tensors("default").values()))).all()
+    with pytest.raises(AdapterFileError, match=r"adapter 'default'.*NaN or inf"):
+        model.merge_and_unload()
+    merged = model.merge_and_unload(allow_non_finite=True)
+    assert not all(torch.isfinite(p).all() for p in merged.parameters())
+
+
+def test_merge_command_refuses_a_nan_adapter_in_one_line(tmp_path, llama_dir, capsys):
+    nan_adapter(tmp_path / "nan")
+    code = main(["merge", llama_dir, str(tmp_path / "nan"), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert_one_line(code, err, "NaN or inf")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- 3. adapter names, wrapped bases ------------------------------------------------------------------------------
+
+BAD_NAMES = ["/tmp/outside", "../up", "a/b", "a\\b", "", "x" * 101, "a\x00b", "..", "line\nbreak"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=lambda n: repr(n)[:12])
+def test_adapter_names_are_one_path_component_everywhere(tmp_path, name):
+    saved = tmp_path / "saved"
+    lora(0, 4, 8).save_pretrained(saved)
+    model = lora(0, 4, 8)
+    calls = {
+        "add_adapter": lambda: model.add_adapter(name, LoraConfig(r=2)),
+        "get_peft_model": lambda: get_peft_model(tiny_llama(), LoraConfig(r=2), adapter_name=name),
+        "load_adapter": lambda: model.load_adapter(saved, name),
+        "from_pretrained": lambda: PeftModel.from_pretrained(tiny_llama(), saved, adapter_name=name),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match=r"Adapter name .* is not valid"):
+            call()
+    assert list(model.peft_config) == ["default"]
+    model.peft_config[name] = model.peft_config["default"]  # bypassing add_adapter: save still refuses
+    with pytest.raises(ValueError, match=r"Adapter name .* is not valid"):
+        model.save_pretrained(tmp_path / "out", selected_adapters=[name])
+    assert not os.path.exists("/tmp/outside/adapter_config.json") and not (tmp_path / "up").exists()
+
+
+def test_get_peft_model_on_an_already_wrapped_base_names_add_adapter():
+    """PEFT only warns ("modify a model with PEFT for a second time") and replaces the first wrapper's adapter in
+    the shared layers; peftlab refuses, and the first model is unchanged."""
+    base = tiny_llama()
+    first = get_peft_model(base, LoraConfig(r=4, init_lora_weights=False))
+    expected = output_of(first, model_inputs("llama"))
+    with pytest.raises(ValueError, match=r"already wrapped by a PeftModel.*add_adapter\(name, config\)"):
+        get_peft_model(base, LoraConfig(r=8))
+    with pytest.raises(ValueError, match="already wrapped"):
+        get_peft_model(base, __import__("peftlab").BitFitConfig())  # a layer-free method: the mark, not the layers
+    torch.testing.assert_close(output_of(first, model_inputs("llama")), expected, rtol=0, atol=0)
+    plain = first.unload()
+    get_peft_model(plain, LoraConfig(r=2))  # handed back: may be wrapped again
+
+
+# ---- 4. one run per folder; diverging runs ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def classify_file(tmp_path_factory):
+    rows = [{"text": s, "label": ["pos", "neg"][i % 2]} for i, s in enumerate(sentences(32, seed=3))]
+    return write_jsonl(tmp_path_factory.mktemp("data") / "rows.jsonl", rows)
+
+
+def test_a_second_run_into_a_locked_folder_fails_at_once_with_the_other_pid(tmp_path, llama_dir, classify_file):
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from peftlab.io.lock import folder_lock\n"
+         f"with folder_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        start = time.perf_counter()
+        with pytest.raises(FolderLockedError, match=rf"in use by another peftlab run \(PID {holder.pid},"):
+            train(run_config(llama_dir, "classify", classify_file, out), log=lambda *_: None)
+        assert time.perf_counter() - start < 2  # at once: no model loaded, no waiting
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed with SIGKILL: the kernel dropped its lock; the file still names it, and the next run takes over.
+    assert f"PID {holder.pid}" in (out / ".peftlab.lock").read_text()
+    said = []
+    with folder_lock(out, log=said.append):
+        pass
+    assert f"PID {holder.pid}" in said[0] and "ended without releasing" in said[0]
+
+
+def test_rerun_into_a_finished_folder_refuses_unless_overwrite_or_resume(tmp_path, llama_dir, classify_file):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 123.0, "earlier_run": true}\n')
+    run = run_config(llama_dir, "classify", classify_file, out, max_steps=2)
+    with pytest.raises(ConfigError, match=r"already holds a run \(metrics\.jsonl\)\. Pass --overwrite.*--resume"):
+        train(run, log=lambda *_: None)
+    said = []
+    train(run, log=said.append, overwrite=True)
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert lines and not any("earlier_run" in line for line in lines)
+    assert any("--overwrite: deleting the earlier run's metrics.jsonl" in s for s in said)
+    (out / "x").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        train(run_config(llama_dir, "classify", classify_file, out / "x"), log=lambda *_: None)
+
+
+def strict_json(line: str):
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, llama_dir, classify_file, capsys):
+    out = tmp_path / "run"
+    path = tmp_path / "run.yaml"
+    raw = yaml.safe_load(yaml.safe_dump({"model": llama_dir, "task": "classify",
+                                         "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                         "data": {"train_file": classify_file, "eval_fraction": 0.25,
+                                                  "max_length": 32},
+                                         "train": {"output_dir": str(out), "lr": 1e30, "max_grad_norm": None,
+                                                   "batch_size": 4, "max_steps": 12, "log_every": 1,
+                                                   "save_every": 1, "progress": False, "tensorboard": False,
+                                                   "precision": "fp32"}}))
+    path.write_text(yaml.safe_dump(raw))
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert_one_line(code, err, "training diverged at step", "train.lr", "last good checkpoint")
+    step = int(err.split("training diverged at step ")[1].split(":")[0])
+    assert 1 < step <= 12
+    assert not (out / "adapter").exists()  # no adapter saved from a diverged run
+    kept = list_checkpoints(str(out / "checkpoints"))
+    assert kept and all(int(os.path.basename(k).split("-")[1]) < step for k in kept)
+    for k in kept:  # every kept checkpoint loads (finite weights)
+        adapter_files.read_weights(os.path.join(k, "adapter"))
+    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["step"] < step for r in records)
+    assert all(math.isfinite(r["loss"]) for r in records if r.get("loss") is not None)
+
+
+def test_metrics_jsonl_stays_json_when_a_value_is_not_finite(tmp_path):
+    from peftlab.train.loop import _MetricsLogger
+
+    logger = _MetricsLogger(str(tmp_path), tensorboard=False)
+    logger.write({"step": 3, "split": "eval", "loss": float("nan"), "accuracy": float("inf"), "ok": 1.5})
+    logger.close()
+    assert strict_json((tmp_path / "metrics.jsonl").read_text()) == {
+        "step": 3, "split": "eval", "loss": None, "accuracy": None, "ok": 1.5}
+
+
+def test_training_diverged_error_is_raised_before_the_update(tmp_path, llama_dir, classify_file, monkeypatch):
+    """The guard runs before optimizer.step: the weights after the failing step are those before it."""
+    from peftlab.train import Trainer
+
+    trainer = Trainer(run_config(llama_dir, "classify", classify_file, tmp_path / "r"), log=lambda *_: None)
+    before = {k: t.detach().clone() for k, t in trainer.peft_model.trainable_tensors("default").items()}
+    original = type(trainer.task).forward
+
+    def nan_loss(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        return dataclasses.replace(out, loss_sum=out.loss_sum * float("nan"))
+
+    monkeypatch.setattr(type(trainer.task), "forward", nan_loss)
+    with pytest.raises(TrainingDivergedError, match=r"at step 1: the loss is nan.*no checkpoint was saved"):
+        trainer._step()
+    for k, t in trainer.peft_model.trainable_tensors("default").items():
+        assert torch.equal(t, before[k]), k
+
+
+# ---- 5. one error boundary: one line, fast, bounded -------------------------------------------------------------
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_one_line(code: int, err: str, *needles: str) -> None:
+    """Exit status 1 and one `peftlab CMD: error: ...` line, the last on stderr (transformers may draw a progress
+    bar before it), no traceback."""
+    assert code == 1, err
+    line = err.rstrip("\n").split("\n")[-1]
+    assert line.startswith("peftlab ") and ": error: " in line and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+
+
+def test_config_file_errors_are_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: x\n  task: [classify\n")
+    assert_one_line(*run_cli(capsys, "train", str(bad)), "not valid YAML at line 2", "Fix the file")
+    assert_one_line(*run_cli(capsys, "train", str(tmp_path / "missing.yaml")), "does not exist")
+    assert_one_line(*run_cli(capsys, "train", str(tmp_path)), "not a regular file")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    assert_one_line(*run_cli(capsys, "train", str(tmp_path / "list.yaml")), "must hold a YAML mapping")
+
+
+@pytest.mark.parametrize("override, ours", [
+    ("train.learning_rate=1e-4", "'lr'"), ("train.num_train_epochs=2", "'epochs'"),
+    ("train.per_device_train_batch_size=4", "'batch_size'"), ("train.gradient_accumulation_steps=2", "'grad_accum'"),
+    ("method.rank=8", "'r'"), ("method.alpha=16", "'lora_alpha'")])
+def test_hf_and_peft_names_are_mapped_to_ours(capsys, override, ours):
+    code, err = run_cli(capsys, "train", override)
+    assert_one_line(code, err, f"peftlab calls it {ours}", override.split(".")[1].split("=")[0])
+
+
+def test_adapter_folder_problems_are_one_line(tmp_path, llama_dir, capsys):
+    adapter = tmp_path / "adapter"
+    lora(0, 4, 8).save_pretrained(adapter)
+    out = str(tmp_path / "out")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "NO_SUCH_TYPE"}))
+    assert_one_line(*run_cli(capsys, "merge", llama_dir, str(adapter), out), "peft_type='NO_SUCH_TYPE'")
+    (adapter / "adapter_config.json").unlink()
+    (adapter / "adapter_config.json").mkdir()
+    assert_one_line(*run_cli(capsys, "merge", llama_dir, str(adapter), out), "is a folder, not a regular file")
+    (adapter / "adapter_config.json").rmdir()
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    (adapter / "adapter_model.safetensors").unlink()
+    (adapter / "adapter_model.safetensors").symlink_to("/dev/zero")
+    assert_one_line(*run_cli(capsys, "merge", llama_dir, str(adapter), out), "is a character device")
+    assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("failure, needle", [
+    (OSError(errno.ENOSPC, "No space left on device", "model.safetensors"), "the disk is full"),
+    (RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 10880 vs 10772"), "the disk is full"),
+])
+def test_disk_full_is_named_and_the_old_folder_stays(tmp_path, llama_dir, capsys, failure, needle):
+    adapter = tmp_path / "adapter"
+    lora(0, 4, 8).save_pretrained(adapter)
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "old.txt").write_text("previous merge")
+
+    def full(what):
+        if what.startswith("fsync"):
+            raise failure
+
+    atomic.fault_hook = full
+    try:
+        code, err = run_cli(capsys, "merge", llama_dir, str(adapter), str(out), "--overwrite")
+    finally:
+        atomic.fault_hook = None
+    assert_one_line(code, err, needle, "previous content")
+    assert state_of(out) == {"old.txt": hashlib.sha256(b"previous merge").hexdigest()}
+
+
+def test_debug_flag_and_env_show_the_traceback(tmp_path, capsys, monkeypatch):
+    missing = str(tmp_path / "missing.yaml")
+    assert run_cli(capsys, "train", missing)[0] == 1
+    with pytest.raises(ConfigError):
+        main(["train", missing, "--debug"])
+    with pytest.raises(ConfigError):
+        main(["--debug", "train", missing])
+    monkeypatch.setenv("PEFTLAB_DEBUG", "1")
+    with pytest.raises(ConfigError):
+        main(["train", missing])
+
+
+def test_huge_user_strings_are_bounded(capsys, tmp_path):
+    """A 10 MB target_modules regex is refused at once (it took ~3 minutes and 1.9 GB), and no error line echoes
+    megabytes."""
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"target_modules has 10,000,009 characters"):
+        get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="(q_proj|" + "a" * 10_000_000 + ")"))
+    assert time.perf_counter() - start < 5
+    code, err = run_cli(capsys, "train", f"train.{'x' * 1_000_000}=1")
+    assert_one_line(code, err, "unknown key")
+    assert len(err) < 2000
+
+
+def test_a_long_list_of_module_names_is_not_a_huge_regex():
+    """A list is matched name by name, never compiled: an all-linear adapter saved from a large model lists every
+    module's full path (Llama-70B: 560 of them, ~25,000 characters), and its own folder must load again."""
+    names = [f"model.layers.{i % 2}.self_attn.q_proj" for i in range(1000)]  # 31,000 characters, 2 distinct modules
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=names))
+    assert len(list(model._adapter_layers())) == 2
+
+
+@pytest.mark.parametrize("text, needle", [("", r"is empty \(0 bytes\)"), ("\n\n   \n", "holds only blank lines")])
+def test_empty_data_files_say_so(tmp_path, text, needle):
+    from peftlab.data import DataConfig, DataError, load_splits
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match=needle):
+        load_splits(DataConfig(train_file=str(path)), "classify")
+
+
+def test_help_and_config_file_errors_answer_before_torch_is_imported(tmp_path):
+    """`peftlab --help`, a missing config and a YAML error never import torch or transformers (about 5 CPU-seconds;
+    the target is under 1 s on an idle machine)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [\n")
+    script = (
+        "import sys\nfrom peftlab.cli.main import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['train', sys.argv[1]], ['train', sys.argv[2]]):\n"
+        "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'datasets') if m in sys.modules)\n"
+        "print('HEAVY', heavy)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "missing.yaml"), str(bad)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert "HEAVY []" in proc.stdout, proc.stdout[-500:] + proc.stderr[-2000:]
+    assert proc.stderr.count("error: ") == 2 and "does not exist" in proc.stderr and "not valid YAML" in proc.stderr
+
+
+def test_saving_into_the_working_folder_replaces_files_and_a_mixed_pair_is_refused(tmp_path, monkeypatch):
+    """save_pretrained(".") cannot swap the folder this process stands in: each file is replaced whole, and if a
+    kill falls between the two, the loader refuses the pair instead of loading it."""
+    monkeypatch.chdir(tmp_path)
+    lora(0, 4, 8).save_pretrained(".")
+    new = lora(1, 4, 32)
+    steps = []
+
+    def die_after_weights(what):
+        steps.append(what)
+        if what == "write adapter_config.json":
+            raise KeyboardInterrupt  # the weights are in place, the config is the old one
+
+    atomic.fault_hook = die_after_weights
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            new.save_pretrained(".")
+    finally:
+        atomic.fault_hook = None
+    assert os.getcwd() == str(tmp_path)
+    with pytest.raises(AdapterFileError, match="lora_alpha: config 8 vs weights saved with 32"):
+        PeftModel.from_pretrained(tiny_llama(), ".")
+    new.save_pretrained(".")
+    PeftModel.from_pretrained(tiny_llama(), ".")
