@@ -10,8 +10,8 @@
 3. Greedy text: `peftlab generate MODEL --adapter A --prompt P --dtype fp32` (run as a command; its default dtype
    `auto` is bf16 on CPUs with native bf16) against each GGUF loaded by transformers (fp32 compute), with the chat
    template and tokenizer read from the GGUF; and the tokens against the merged peftlab model's.
-(llama.cpp itself is not run: llama-cpp-python compiles llama.cpp on install, which did not finish here;
-docs/export.md. The base and adapter-only files are written for running it where it is installed.)
+(llama.cpp itself runs in benchmarks/llamacpp_check.py: the merged and base + adapter-only files, greedy tokens
+against peftlab's; docs/export.md.)
 Writes a JSON summary (--json).
 """
 

@@ -61,17 +61,17 @@ def compared(tmp_path_factory):
 
 
 def _csv(out):
-    with open(out / "results.csv", encoding="utf-8") as fh:
+    with open(out / "report" / "results.csv", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 
 
 def test_compare_writes_table_and_plots_and_keeps_the_failed_method(compared):
     _, out, code, _ = compared
     assert code == 1, "one method failed: the exit status says so, the table is still written"
-    for name in ("results.md", "results.csv", "score_vs_params.png", "loss_curves.png"):
-        assert (out / name).is_file(), name
+    for name in ("results.md", "results.csv", "score_vs_params.png", "loss_curves.png", "compare_config.yaml"):
+        assert (out / "report" / name).is_file(), name
     for name in ("score_vs_params.png", "loss_curves.png"):
-        data = (out / name).read_bytes()
+        data = (out / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
     rows = _csv(out)
@@ -91,7 +91,7 @@ def test_compare_writes_table_and_plots_and_keeps_the_failed_method(compared):
     assert broken["method_name"] == "lora" and "no_such_module" in broken["status"], broken["status"]
     assert all(broken[k] == "" for k in numeric), "a failed method has empty number cells"
 
-    lines = (out / "results.md").read_text().splitlines()
+    lines = (out / "report" / "results.md").read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
     assert len(table) == 2 + 3, "header, separator, one row per method"
     assert len({line.count(" | ") for line in table if not line.startswith("|---")}) == 1, "same cells per row"

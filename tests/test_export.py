@@ -431,3 +431,13 @@ def test_shipped_smollm2_q8_0_top1_agrees_on_real_text(tmp_path):
     assert ids.shape[1] == 1000
     agree = (logits(gguf_model(out), ids).argmax(-1) == logits(load_model("smollm2").eval(), ids).argmax(-1))
     assert agree.float().mean() >= 0.99
+
+
+def test_pre_tokenizer_names_are_llama_cpp_spellings():
+    # llama.cpp's vocabulary loader (src/llama-vocab.cpp) knows "gpt-2" and "smollm"; "gpt2" made it refuse the
+    # whole file ("unknown pre-tokenizer type: 'gpt2'", found by benchmarks/llamacpp_check.py).
+    from peftlab.export.tokenizer import pre_tokenizer_name
+
+    assert pre_tokenizer_name({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    digits = {"type": "Digits", "individual_digits": True}
+    assert pre_tokenizer_name({"type": "Sequence", "pretokenizers": [digits, {"type": "ByteLevel"}]}) == "smollm"

@@ -211,11 +211,11 @@ def test_kill_during_checkpoint_save_and_pruning_never_lists_a_partial_checkpoin
     assert load_checkpoint(list_checkpoints(ckpts)[-1], fresh)["rerun"] is True
 
 
-def test_kill_during_compare_output_leaves_each_file_old_or_new(tmp_path):
-    """`peftlab compare`'s table and plots: rewritten with new results, killed at every step; each output file holds
-    its old or its new bytes, never a part."""
+def test_kill_during_compare_report_leaves_the_old_or_the_new_report_whole(tmp_path, swap_mode):
+    """`peftlab compare`'s table, plots and config as run are one set: rewritten with new results and killed at every
+    step, report/ holds the whole old set or the whole new one, never a new table beside an old plot."""
     from peftlab.compare import build_compare_config
-    from peftlab.compare.runner import write_outputs
+    from peftlab.compare.runner import REPORT_FILES, write_outputs
 
     root = tmp_path / "cmp"
     config = build_compare_config({
@@ -224,23 +224,57 @@ def test_kill_during_compare_output_leaves_each_file_old_or_new(tmp_path):
     result = {"label": "lora", "method": "lora", "status": "ok", "trainable_params": 10, "all_params": 100,
               "after": {"accuracy": 0.5, "loss": 0.7}, "wall_seconds": 1.0}
     write_outputs(config, [result])
-    files = sorted(n for n in os.listdir(root) if n.startswith("results") or n.endswith(".png"))
-    assert len(files) == 4
+    assert sorted(os.listdir(root / "report")) == sorted(REPORT_FILES)
     result = {**result, "after": {"accuracy": 0.9, "loss": 0.2}, "trainable_params": 20}
-    per_file = lambda r: {n: state_of(r).get(n) for n in files}  # noqa: E731
-    before = per_file(str(root))
-    snaps = Snapshots(root, tmp_path / "snaps")
-    atomic.fault_hook = snaps
-    try:
-        write_outputs(config, [result])
-    finally:
-        atomic.fault_hook = None
-    after = per_file(str(root))
-    assert all(before[n] != after[n] for n in ("results.md", "results.csv"))
-    for path, step in zip(snaps.paths, snaps.steps):
-        seen = per_file(path)
-        for name in files:
-            assert seen[name] in (before[name], after[name]), f"killed at {step!r}: {name} is partial"
+
+    def read_back(r):
+        atomic.recover_folder(os.path.join(r, "report"))
+        return (state_of(os.path.join(r, "report")),)
+
+    before, after, _ = kill_everywhere(tmp_path, root, lambda: write_outputs(config, [result]), read_back)
+    assert all(before[0][n] != after[0][n] for n in ("results.md", "results.csv", "score_vs_params.png"))
+
+
+def _features_classifier(seed: int, labels):
+    from peftlab import FeaturesConfig
+    from peftlab.methods.features import fit_probe
+    from peftlab.methods.features.run import FeaturesClassifier
+
+    g = torch.Generator().manual_seed(seed)
+    X, y = torch.randn(12, 4, generator=g), torch.arange(12) % len(labels)
+    return FeaturesClassifier(FeaturesConfig(pooling="mean", C=0.5 + seed), fit_probe(X, y, labels), None, None,
+                              "unused")
+
+
+def _icl_classifier(seed: int, labels):
+    from peftlab import IclConfig
+    from peftlab.methods.icl import IclClassifier
+
+    pool = [(s, labels[i % len(labels)]) for i, s in enumerate(sentences(6, seed=seed))]
+    return IclClassifier(IclConfig(k=seed % 2 * 2, seed=seed), labels, None, tiny_tokenizer(), pool=pool)
+
+
+@pytest.mark.parametrize("make", [_features_classifier, _icl_classifier], ids=["features", "icl"])
+def test_kill_during_features_or_icl_save_leaves_old_or_new_folder(tmp_path, swap_mode, make):
+    """features and icl folders (config + probe/labels/demonstrations) are written as one folder: killed at every
+    step of a save over an older one (other labels, other options; icl: a k=2 save over a k=0 one), the folder is the
+    old or the new one; the user's README is carried over and the load reads the new one."""
+    from peftlab.methods import features, icl
+
+    root = tmp_path / "root"
+    folder = root / "saved"
+    make(0, ["neg", "pos"]).save_pretrained(str(folder))
+    (folder / "README.md").write_text("the user's notes")
+    new = make(1, ["a", "b", "c"])
+
+    def read_back(r):
+        atomic.recover_folder(os.path.join(r, "saved"))
+        return (state_of(os.path.join(r, "saved")),)
+
+    kill_everywhere(tmp_path, root, lambda: new.save_pretrained(str(folder)), read_back)
+    assert (folder / "README.md").read_text() == "the user's notes"
+    loader = features.load if make is _features_classifier else icl.load
+    assert loader(str(folder), model=tiny_llama(), tokenizer=tiny_tokenizer()).labels == ["a", "b", "c"]
 
 
 def test_a_failing_write_keeps_the_old_folder_and_leaves_no_temporaries(tmp_path, swap_mode):
@@ -445,6 +479,60 @@ def test_a_diverging_run_stops_at_the_first_non_finite_step_and_keeps_the_last_g
     records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records and all(r["step"] < step for r in records)
     assert all(math.isfinite(r["loss"]) for r in records if r.get("loss") is not None)
+
+
+def test_a_diverging_ppo_run_stops_at_the_first_non_finite_step_through_the_cli(tmp_path, llama_dir, capsys,
+                                                                                   monkeypatch):
+    """PPO has the same guard as the supervised loop: an absurd lr stops the run with one line naming the step and
+    train.lr, checkpoints before it are kept and finite, no adapter is saved, metrics.jsonl stays JSON."""
+    import functools
+
+    import peftlab.train.ppo as ppo
+
+    # The CLI needs a reward adapter; the reward function of tests/test_ppo.py's tiny runs stands in for it.
+    monkeypatch.setattr(ppo, "train_ppo", functools.partial(ppo.train_ppo, reward_fn=lambda p, t, ids: [
+        float(len(r)) for r in ids]))
+    out = tmp_path / "run"
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": llama_dir, "task": "ppo", "method": {"name": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+        # One update per iteration: the first (finite) update makes iteration 1 and its checkpoint; the next one
+        # overflows.
+        "ppo": {"prompts": ["write a review", "the movie was"], "max_new_tokens": 4, "rollout_batch_size": 4,
+                "minibatch_size": 4, "ppo_epochs": 1},
+        "train": {"output_dir": str(out), "lr": 1e30, "max_grad_norm": None, "max_steps": 6, "log_every": 1,
+                  "save_every": 1, "eval_every": 1, "progress": False, "tensorboard": False, "precision": "fp32"}}))
+    code = main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert_one_line(code, err, "training diverged at step", "train.lr", "The likely cause is a learning rate")
+    step = int(err.split("training diverged at step ")[1].split(":")[0])
+    assert 1 < step <= 6
+    assert not (out / "adapter").exists()
+    kept = list_checkpoints(str(out / "checkpoints"))
+    assert kept and f"the last good checkpoint is {kept[-1]}" in err
+    assert all(int(os.path.basename(k).split("-")[1]) < step for k in kept)
+    for k in kept:
+        adapter_files.read_weights(os.path.join(k, "adapter", "policy"))
+    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records and all(r["step"] < step for r in records)
+
+
+def test_a_ppo_iteration_with_non_finite_rollouts_stops_before_any_update(tmp_path, llama_dir):
+    """A NaN reward (a reward_fn's, or a policy overflowed by the last update) is named before PPO trains on it."""
+    from peftlab.train import build_run_config
+    from peftlab.train.ppo import POLICY, PPOTrainer
+
+    run = build_run_config({
+        "model": llama_dir, "task": "ppo", "method": {"name": "lora", "r": 4, "target_modules": ["q_proj"]},
+        "ppo": {"prompts": ["write a review"], "max_new_tokens": 3, "rollout_batch_size": 2, "minibatch_size": 2},
+        "train": {"output_dir": str(tmp_path / "o"), "progress": False, "tensorboard": False, "precision": "fp32"}})
+    trainer = PPOTrainer(run, reward_fn=lambda p, t, ids: [float("nan")] * len(ids), log=lambda *_: None)
+    before = {k: t.detach().clone() for k, t in trainer.peft_model.trainable_tensors(POLICY).items()}
+    with pytest.raises(TrainingDivergedError, match=r"at step 1: the rollouts' scores hold NaN/inf values.*train\.lr"):
+        trainer._iteration()
+    assert trainer.state.optimizer_steps == 0
+    for k, t in trainer.peft_model.trainable_tensors(POLICY).items():
+        assert torch.equal(t, before[k]), k
 
 
 def test_metrics_jsonl_stays_json_when_a_value_is_not_finite(tmp_path):

@@ -17,10 +17,10 @@ NAME = "compare"
 HELP = "run several methods on one task with the same data and budget; write a table and plots"
 DESCRIPTION = ("Run every method listed under `methods:` in CONFIG (shared model/task/data/train sections, same "
                "schema as `peftlab train`), each in its own process, and write results.md, results.csv, "
-               "score_vs_params.png and loss_curves.png to train.output_dir. key=value overrides change the shared "
-               "sections (e.g. data.max_train_rows=200). Methods with a stored result made with the same settings "
-               "are reused, so an interrupted compare continues; --rerun redoes them. The whole config is checked "
-               "before anything runs. Format and output: docs/compare.md.")
+               "score_vs_params.png and loss_curves.png to train.output_dir/report/. key=value overrides change "
+               "the shared sections (e.g. data.max_train_rows=200). Methods with a stored result made with the same "
+               "settings are reused, so an interrupted compare continues; --rerun redoes them. The whole config is "
+               "checked before anything runs. Format and output: docs/compare.md.")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,8 +2,10 @@
 
 Output folder (the shared train.output_dir):
 
-    results.md  results.csv  score_vs_params.png  loss_curves.png
-    compare_config.yaml            the comparison as run (shared sections after overrides + methods)
+    report/                        results.md  results.csv  score_vs_params.png  loss_curves.png and
+                                   compare_config.yaml (the comparison as run: shared sections after overrides +
+                                   methods); written whole by one folder swap (io/atomic.py), so a kill never
+                                   leaves a new table beside an old plot
     runs/LABEL/                    the method's run folder: adapter/, metrics.jsonl, run_config.yaml (from the
                                    training loop), config.yaml (the worker's input: `peftlab train` reruns it
                                    alone) and result.json (scores and costs)
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 import yaml
 
-from ..io.atomic import atomic_write_text, remove_folder
+from ..io.atomic import atomic_folder, remove_folder
 from .config import CompareConfig, Entry, entry_summary
 from .report import plot_loss_curves, plot_score_vs_params, write_csv, write_markdown
 
@@ -37,6 +39,10 @@ def run_dir(config: CompareConfig, label: str) -> str:
 
 def result_path(config: CompareConfig, label: str) -> str:
     return os.path.join(run_dir(config, label), "result.json")
+
+
+def report_dir(config: CompareConfig) -> str:
+    return os.path.join(config.output_dir, "report")
 
 
 def log_path(config: CompareConfig, label: str) -> str:
@@ -88,10 +94,6 @@ def run_compare(config: CompareConfig, only: list[str] | None = None, rerun: boo
     Returns {"results": [one dict per method of the config, in order], "files": {name: path}}."""
     selected = config.select(only)
     os.makedirs(config.output_dir, exist_ok=True)
-    atomic_write_text(os.path.join(config.output_dir, "compare_config.yaml"), yaml.safe_dump(
-        {**config.base, "methods": [{"name": e.label, "method": e.raw["method"],
-                                     "train": {k: v for k, v in e.raw["train"].items() if k != "output_dir"}}
-                                    for e in config.entries]}, sort_keys=False))
 
     todo, skipped = [], []
     for item in plan(config, selected, rerun):
@@ -205,11 +207,26 @@ def died(code: int, logfile: str) -> str:
     return f"worker exited with status {code} without a result" + (f"; last log line: {last}" if last else "")
 
 
+REPORT_FILES = ("results.md", "results.csv", "score_vs_params.png", "loss_curves.png", "compare_config.yaml")
+
+
 def write_outputs(config: CompareConfig, results: list[dict], command: str = "") -> tuple[dict[str, str], str]:
-    """Write the table (markdown, CSV) and the two plots; returns ({file name: path}, the markdown)."""
-    out = config.output_dir
-    files = {name: os.path.join(out, name) for name in
-             ("results.md", "results.csv", "score_vs_params.png", "loss_curves.png")}
+    """Write report/: the table (markdown, CSV), the two plots and compare_config.yaml, as one folder swapped in
+    whole; returns ({file name: final path}, the markdown)."""
+    final = report_dir(config)
+    with atomic_folder(final) as staging:
+        table = _write_report(config, results, command, staging)
+    return {name: os.path.join(final, name) for name in REPORT_FILES}, table
+
+
+def _write_report(config: CompareConfig, results: list[dict], command: str, out: str) -> str:
+    files = {name: os.path.join(out, name) for name in REPORT_FILES}
+    yaml_text = yaml.safe_dump(
+        {**config.base, "methods": [{"name": e.label, "method": e.raw["method"],
+                                     "train": {k: v for k, v in e.raw["train"].items() if k != "output_dir"}}
+                                    for e in config.entries]}, sort_keys=False)
+    with open(files["compare_config.yaml"], "w", encoding="utf-8") as fh:
+        fh.write(yaml_text)
     base = config.base
     data = base.get("data") or {}
     train = base.get("train") or {}
@@ -234,4 +251,4 @@ def write_outputs(config: CompareConfig, results: list[dict], command: str = "")
     plot_score_vs_params(files["score_vs_params.png"], results, config.task, title)
     plot_loss_curves(files["loss_curves.png"], results, {e.label: run_dir(config, e.label) for e in config.entries},
                      title)
-    return files, table
+    return table

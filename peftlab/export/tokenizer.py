@@ -8,7 +8,8 @@ the same reader llama.cpp uses, run over the tokenizer saved to a temporary fold
 
 `tokenizer.ggml.pre` names the text-splitting regex. llama.cpp recognises a tokenizer by hashing its output on a
 test text; we name it from the tokenizer's pre_tokenizer instead:
-- ByteLevel with its own (GPT-2) regex -> "gpt2";
+- ByteLevel with its own (GPT-2) regex -> "gpt-2" (llama.cpp's spelling: its vocabulary loader refuses "gpt2",
+  "unknown pre-tokenizer type", found by benchmarks/llamacpp_check.py);
 - Digits(individual) then ByteLevel -> "smollm" (llama.cpp's starcoder/smollm regex: the GPT-2 one after
   splitting every digit);
 - Split(regex) then ByteLevel(use_regex=False) -> the llama.cpp name transformers' GGUF loader gives that regex
@@ -36,7 +37,7 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):

@@ -4,8 +4,10 @@ classification rows, the device and precision, and writing the run folder the tr
     output_dir/metrics.jsonl      eval records as the loop writes them: {"step": 0, "split": "eval", "loss": ...,
                                   "accuracy": ..., "macro_f1": ...} plus "stage" (which evaluation it is)
     output_dir/run_config.yaml    the run config
-    output_dir/adapter/README.md  a model card: how to load it (the method's own Python API, since these folders are
-                                  not weight adapters), data, results, options
+    output_dir/adapter/           the method's files and README.md, a model card: how to load it (the method's own
+                                  Python API, since these folders are not weight adapters), data, results, options;
+                                  written whole by one folder swap (io/atomic.py): a kill leaves the old folder or
+                                  the new one, never a new probe beside an old config
 
 These methods use the training layer's helpers (data loading, model loading, precision), which the gradient methods
 never import: a `Method.run` does the work of the training loop, so it sits beside it.
@@ -15,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Collection
 
 import torch
 import yaml
 
 from ..core.config import ConfigError
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_folder, atomic_write_text
 
 
 def classify_splits(run, method_name: str):
@@ -68,15 +71,31 @@ def eval_record(metrics: dict, stage: str) -> dict:
     return {"step": 0, "split": "eval", **metrics, "stage": stage}
 
 
-def write_run_folder(run, config, result: dict, records: list[dict], usage: str, notes: list[str]) -> None:
-    """metrics.jsonl (appended, as the loop does), run_config.yaml and the adapter's README.md."""
+def save_folder(folder: str, write_files: Callable[[str], None], owned: Collection[str]) -> None:
+    """A saved features/icl folder, written whole (io/atomic.py's folder swap): a kill leaves the old folder or the
+    new one. `write_files(staging)` writes the method's files. Other entries of the old folder (a user's notes) are
+    carried over; those in `owned` (every file the format can hold) are not: a k=0 icl save must not keep an older
+    save's demonstrations."""
+    with atomic_folder(folder, keep_existing=lambda name: name not in owned) as staging:
+        write_files(staging)
+
+
+def write_run_folder(run, config, result: dict, records: list[dict], usage: str, notes: list[str],
+                     write_files: Callable[[str], None]) -> None:
+    """metrics.jsonl (appended, NaN as null, as the loop does), the adapter folder (`write_files` + the model card,
+    one folder swap) and run_config.yaml."""
+    from ..train.loop import _MetricsLogger
+
     out = run.train.output_dir
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec) + "\n")
+    metrics = _MetricsLogger(out, tensorboard=False)
+    for rec in records:
+        metrics.write(rec)
+    metrics.close()
+    with atomic_folder(result["adapter_dir"]) as staging:  # the method's files and the card that describes them
+        write_files(staging)
+        write_card(staging, run, config, result, usage, notes)
     atomic_write_text(os.path.join(out, "run_config.yaml"), yaml.safe_dump(run.to_dict(), sort_keys=False))
-    write_card(result["adapter_dir"], run, config, result, usage, notes)
 
 
 def write_card(adapter_dir: str, run, config, result: dict, usage: str, notes: list[str]) -> str:

@@ -38,8 +38,6 @@ import dataclasses
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -55,8 +53,9 @@ from ..core.method import _no_prepare
 from ..core.model import PeftModel, get_peft_model, read_config
 from ..data import DataConfig, DataError
 from ..io import adapter_files
-from ..io.atomic import atomic_write_text
+from ..io.atomic import atomic_folder, atomic_write_text
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .loop import check_weights_finite, diverged_error, non_finite_step
 from .model_loading import load_tokenizer_and_model
 from .ppo_config import PPOConfig
 from .ppo_math import (entropy_from_logits, gae, kl_penalty_rewards, logprobs_from_logits, masked_mean, policy_loss,
@@ -456,8 +455,11 @@ class PPOTrainer:
                     {"do_sample": True, "temperature": self.ppo.temperature, "top_k": self.ppo.top_k,
                      "top_p": self.ppo.top_p})
         with self.accelerator.autocast():
+            # remove_invalid_values: a policy whose last update overflowed gives NaN logits, and sampling would
+            # fail inside generate; it samples on, and _iteration's guard then names the divergence.
             seqs = self.peft_model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=self.ppo.max_new_tokens,
-                                            pad_token_id=self.pad_id, eos_token_id=self.eos_ids, **sampling)
+                                            pad_token_id=self.pad_id, eos_token_id=self.eos_ids,
+                                            remove_invalid_values=True, **sampling)
         P = ids.shape[1]
         mask = response_mask(seqs[:, P:], self.eos_ids)  # (B, R)
         full_attn = torch.cat([attn, mask.long()], dim=1)
@@ -490,6 +492,10 @@ class PPOTrainer:
         rows = self._prompt_rows(it)
         roll = self.rollout([self.train_prompts[i] for i in rows], [self.train_ids[i] for i in rows])
         mask, P = roll["mask"], roll["prompt_len"]
+        bad = [name for name in ("logp", "values", "scores") if not bool(torch.isfinite(roll[name]).all())]
+        if bad:  # the previous update overflowed the policy (or the reward is NaN): stop before training on it
+            raise diverged_error(f"the rollouts' {', '.join(bad)} hold NaN/inf values", it + 1, self.cfg,
+                                 self._checkpoint_root())
         rewards, kl = kl_penalty_rewards(roll["scores"], roll["logp"], roll["ref_logp"], mask, ppo.kl_coef)
         advantages, returns = gae(rewards, roll["values"], mask, ppo.gamma, ppo.lam)
         if ppo.whiten_advantages:
@@ -513,8 +519,13 @@ class PPOTrainer:
                 if extra is not None:
                     loss = loss + extra
                 self.accelerator.backward(loss)
+                grad_norm = None
                 if self.cfg.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
+                    grad_norm = self.accelerator.clip_grad_norm_(trainable, self.cfg.max_grad_norm)
+                what = non_finite_step(loss, grad_norm, trainable, self.accelerator)
+                if what is not None:  # before the update: the weights stay those of the last good one
+                    raise diverged_error(f"{what} (update {self.state.optimizer_steps + 1})", it + 1, self.cfg,
+                                         self._checkpoint_root())
                 self.optimizer.step()
                 self.scheduler.step()
                 self.state.optimizer_steps += 1
@@ -575,7 +586,13 @@ class PPOTrainer:
     def _checkpoint_root(self) -> str:
         return os.path.join(self.cfg.output_dir, "checkpoints")
 
+    def _check_weights_finite(self) -> None:
+        tensors = {**self.peft_model.trainable_tensors(POLICY),
+                   **{f"value_head.{k}": v for k, v in self.value_head.state_dict().items()}}
+        check_weights_finite(tensors, self.state.step, self.cfg, self._checkpoint_root())
+
     def _save_checkpoint(self) -> None:
+        self._check_weights_finite()
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "value_head": {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
                  "rng": rng_state(), "run_state": dataclasses.asdict(self.state)}
@@ -634,6 +651,7 @@ class PPOTrainer:
         logger.write({"step": self.state.step, "split": "eval", **after})
         logger.close()
         adapter_dir = os.path.join(cfg.output_dir, "adapter")
+        self._check_weights_finite()
         result = {"before": before, "after": after, "steps": self.state.step, "train_seconds": seconds,
                   "tokens_per_s": (self.state.generated_tokens - tokens_at_start) / max(seconds, 1e-9),
                   "optimizer_steps": self.state.optimizer_steps, "adapter_dir": adapter_dir,
@@ -643,22 +661,18 @@ class PPOTrainer:
 
     def save(self, adapter_dir: str, result: dict) -> None:
         """The policy adapter in PEFT layout at `adapter_dir`, its value head beside it, a model card, the config."""
-        parent = os.path.dirname(os.path.abspath(adapter_dir))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".adapter.tmp-", dir=parent)
-        try:
-            self.peft_model.save_pretrained(tmp, selected_adapters=[POLICY])  # writes tmp/policy/
-            folder = os.path.join(tmp, POLICY)
+        # One folder swap (io/atomic.py): a kill leaves the old policy + value head or the new pair, never a mix.
+        with atomic_folder(adapter_dir) as staging:
+            self.peft_model.save_pretrained(staging, selected_adapters=[POLICY])  # writes staging/policy/
+            folder = os.path.join(staging, POLICY)
+            for name in os.listdir(folder):  # the policy's files at the top, where PEFT looks for them
+                os.rename(os.path.join(folder, name), os.path.join(staging, name))
+            os.rmdir(folder)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
-                      os.path.join(folder, VALUE_HEAD_FILE), metadata={"format": "pt"})
-            if os.path.exists(adapter_dir):
-                shutil.rmtree(adapter_dir)
-            os.replace(folder, adapter_dir)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                      os.path.join(staging, VALUE_HEAD_FILE), metadata={"format": "pt"})
         write_ppo_model_card(adapter_dir, self.run, result)
-        with open(os.path.join(self.cfg.output_dir, "run_config.yaml"), "w", encoding="utf-8") as fh:
-            yaml.safe_dump(self.run.to_dict(), fh, sort_keys=False)
+        atomic_write_text(os.path.join(self.cfg.output_dir, "run_config.yaml"),
+                          yaml.safe_dump(self.run.to_dict(), sort_keys=False))
 
 
 def write_ppo_model_card(adapter_dir: str, run, result: dict) -> str:

@@ -14,7 +14,7 @@ from ...core.config import CONFIG_NAME, ConfigError
 from ...retrieval import (EmbedStats, cached_embeddings, embed_ids, model_fingerprint, texts_digest,
                           tokenize_texts, tokenizer_fingerprint)
 from .. import baseline_run
-from .classifier import LinearProbe, fit_probe
+from .classifier import CLASSIFIER_FILE, LABELS_FILE, LinearProbe, fit_probe
 from .config import FeaturesConfig
 
 DEFAULT_MAX_LENGTH = 512  # when neither the config nor a run gives one (DataConfig's default)
@@ -73,7 +73,10 @@ class FeaturesClassifier:
         return [self.labels[i] for i in self.probe.predict(self.features(texts)).tolist()]
 
     def save_pretrained(self, folder: str) -> None:
-        """adapter_config.json (peft_type FEATURES) + classifier.safetensors + labels.json."""
+        """adapter_config.json (peft_type FEATURES) + classifier.safetensors + labels.json, as one folder."""
+        baseline_run.save_folder(folder, self.write_files, (CONFIG_NAME, CLASSIFIER_FILE, LABELS_FILE))
+
+    def write_files(self, folder: str) -> None:
         self.config.save_pretrained(folder)
         self.probe.save(folder)
 
@@ -161,7 +164,6 @@ def run(run_config, log=print) -> dict:
     out = run_config.train.output_dir
     adapter_dir = os.path.join(out, "adapter")
     classifier = FeaturesClassifier(config, probe, model, tokenizer, model_path)
-    classifier.save_pretrained(adapter_dir)
     tokens = train_stats.tokens + eval_stats.tokens
     seconds = train_stats.seconds + eval_stats.seconds
     result = {"before": None, "after": after, "steps": 0, "train_seconds": train_seconds,
@@ -181,6 +183,6 @@ def run(run_config, log=print) -> dict:
     usage = (f"from peftlab.methods.features import load\nclf = load({adapter_dir!r})  # loads {run_config.model}\n"
              f"clf.predict([\"some text\"])  # -> label names {label_names[:4]}; predict_proba gives probabilities")
     records = [baseline_run.eval_record(after, "after")]
-    baseline_run.write_run_folder(run_config, config, result, records, usage, [note])
+    baseline_run.write_run_folder(run_config, config, result, records, usage, [note], classifier.write_files)
     log(f"features: eval loss {after['loss']:.4f}, accuracy {after['accuracy']:.4f}, macro-F1 {after['macro_f1']:.4f}")
     return result

@@ -115,7 +115,10 @@ class IclClassifier:
 
     def save_pretrained(self, folder: str) -> None:
         """adapter_config.json (peft_type ICL), labels.json and, when k > 0, demonstrations.jsonl (the rows
-        demonstrations are drawn from)."""
+        demonstrations are drawn from), as one folder."""
+        baseline_run.save_folder(folder, self.write_files, (CONFIG_NAME, LABELS_FILE, POOL_FILE))
+
+    def write_files(self, folder: str) -> None:
         self.config.save_pretrained(folder)
         atomic_write_text(os.path.join(folder, LABELS_FILE), json.dumps(self.labels, indent=2) + "\n")
         if self.config.k > 0:
@@ -174,7 +177,6 @@ def run(run_config, log=print) -> dict:
         f"({stats.tokens:,} tokens in {stats.seconds:.1f} s)")
 
     adapter_dir = os.path.join(run_config.train.output_dir, "adapter")
-    clf.save_pretrained(adapter_dir)
     example_text, example_conts = clf.prompts(texts[:1])[0]
     builder = clf.builder
     note = (f"## In-context learning\n\n{config.k}-shot ({config.demonstrations} demonstrations"
@@ -193,5 +195,5 @@ def run(run_config, log=print) -> dict:
               "eval_seconds": stats.seconds}
     usage = (f"from peftlab.methods.icl import load\nclf = load({adapter_dir!r})  # loads {run_config.model}\n"
              f"clf.predict([\"some text\"])  # -> label names {clf.labels[:4]}")
-    baseline_run.write_run_folder(run_config, config, result, records, usage, [note])
+    baseline_run.write_run_folder(run_config, config, result, records, usage, [note], clf.write_files)
     return result
