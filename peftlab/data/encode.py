@@ -39,8 +39,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..io.names import clip
 from .config import PAIR_TASKS, TASKS, DataConfig, DataError
-from .load import BadRow, SkipTally, bad_row_message, show
+from .load import BadRow, SkipTally, bad_row_message
 from .pairs import encode_pair
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class _Encoder:
             return template.format(**fields)
         except (KeyError, IndexError, ValueError) as err:
             names = ", ".join("{" + f + "}" for f in fields)
-            raise DataError(f"prompt_template {show(template)} cannot be filled for {'/'.join(fields)} rows "
+            raise DataError(f"prompt_template {clip(template)} cannot be filled for {'/'.join(fields)} rows "
                             f"({type(err).__name__}: {err}); these rows offer {names}. Write literal braces as "
                             f"{{{{ and }}}}.") from None
 

@@ -38,7 +38,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from ..io.names import clip as show  # a value for an error message: repr, cut to a limit
+from ..io.names import clip  # a value for an error message: repr, cut to a limit
 from .config import PAIR_TASKS, SUFFIXES, TASKS, DataConfig, DataError
 
 ROLES = ("system", "user", "assistant")
@@ -200,7 +200,7 @@ def _locate_json_error(path: str) -> str:
                     try:
                         json.loads(line)
                     except ValueError as err:
-                        return f" (line {number} is not valid JSON: {err}; it reads {show(line.strip(), 60)})"
+                        return f" (line {number} is not valid JSON: {err}; it reads {clip(line.strip(), 60)})"
     except (OSError, UnicodeDecodeError) as err:
         return f" ({err})"
     return ""
@@ -376,7 +376,7 @@ def _pair(row: dict, cols: _Columns, task: str) -> dict:
 
 def bad_row_message(path: str, row_number: int, err: BadRow, cols: _Columns | None = None) -> str:
     column = cols.describe(err.column) if cols is not None else f"'{err.column}'"
-    seen = f" Seen: {show(err.value)}." if err.show_value else ""
+    seen = f" Seen: {clip(err.value)}." if err.show_value else ""
     fix = f" Fix: {err.fix}; {SKIP_HINT}." if err.fix else f" Fix: {SKIP_HINT}."
     return f"{path}, row {row_number}, column {column}: {err.detail}.{seen}{fix}"
 
@@ -499,4 +499,4 @@ def _sft_shape(row: dict) -> str:
 
 
 __all__ = ["BadRow", "SkipTally", "Splits", "bad_row_message", "expand_paths", "load_splits", "read_rows",
-           "show", "sort_labels"]
+           "sort_labels"]

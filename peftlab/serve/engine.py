@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..models.compat import cache_kwarg
 from .mixed import MixedModel, read_adapter
 
 
@@ -78,6 +79,7 @@ class Engine:
         self.mixed = MixedModel(model)
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
+        self.cache_key = cache_kwarg(model)  # "cache" (transformers >= 5.2x) or "past_key_values"
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch, max_queue, prefill_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # any id: it is masked
         self.max_context = max_context or getattr(model.config, "max_position_embeddings", None) or 2048
@@ -245,7 +247,7 @@ class Engine:
         self.mixed.ctx.set([self._slot(r) for r in reqs], self.device)
         cache = DynamicCache()
         logits = self.mixed.net(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                                cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                                use_cache=True, logits_to_keep=1, **{self.cache_key: cache}).logits[:, -1]
         tokens = self._sample(logits, reqs)
         going = [i for i, (r, t) in enumerate(zip(reqs, tokens)) if not self._push(r, t)]
         if not going:
@@ -270,7 +272,7 @@ class Engine:
         self.mixed.ctx.set([self._slot(r) for r in self.rows], self.device)
         self.mask = F.pad(self.mask, (0, 1), value=1)  # (B, L + 1): the token fed now is real in every row
         logits = self.mixed.net(input_ids=self.last, attention_mask=self.mask, position_ids=self.pos[:, None],
-                                cache=self.cache, use_cache=True).logits[:, -1]
+                                use_cache=True, **{self.cache_key: self.cache}).logits[:, -1]
         tokens = self._sample(logits, self.rows)
         self.pos = self.pos + 1
         self.last = torch.tensor(tokens, device=self.device)[:, None]

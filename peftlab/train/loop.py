@@ -192,7 +192,7 @@ class Trainer:
         label2id = {name: i for i, name in enumerate(self.label_names)} if self.label_names else None
         head_labels = self.label_names or (list(self.task.head_labels) if self.task.head_labels else None)
         self.tokenizer, base = load_tokenizer_and_model(run.model, self.task.auto_model, head_labels,
-                                                              dtype=run.base_dtype, method_config=run.method)
+                                                        dtype=run.base_dtype, method_config=run.method)
         self.train_examples = encode_rows(splits.train, run.task, self.tokenizer, run.data, label2id)
         self.eval_examples = encode_rows(splits.eval, run.task, self.tokenizer, run.data, label2id)
         # Packed rows rely on a 4D block-diagonal mask; the collator refuses attention kernels that ignore it.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import transformers
 
 from ..core.method import method_for_config
