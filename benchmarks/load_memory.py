@@ -10,13 +10,17 @@ Each setup runs in a fresh process (`--setup NAME`), one after another, and repo
 - peak RSS: the process's VmHWM (resident high-water mark, file-backed pages included) at the end, and after the
   load alone;
 - load: wall seconds of the load alone; total: load + wrap with LoRA r=16 on every linear layer but the head
-  ("all-linear", 154 layers) + one AdamW step on a batch of 1 x 256 random token ids (labels = inputs).
+  ("all-linear", 154 layers) + one AdamW step on a batch of 1 x 256 random token ids (labels = inputs); step CPU s:
+  the CPU seconds (all threads) of that step, steadier than wall time when other jobs share the machine.
+peftlab's loader pins glibc's mmap threshold (peftlab.models.loading.pin_mmap_threshold); the *-unpinned setups
+switch that off, to show what it does.
 16-bit setups compute under torch.autocast(bf16) as `peftlab train` does; trainable tensors are fp32 in all of them
 (HF PEFT's autocast_adapter_dtype does the same for its LoRA weights).
 
     nice python benchmarks/load_memory.py                     # every setup, then the table
     nice python benchmarks/load_memory.py --only peftlab-bf16  # one setup (its row replaced in the results)
     PYTHONPATH=/path/to/bitsandbytes python benchmarks/load_memory.py   # HF + bitsandbytes 4-bit too
+    nice python benchmarks/load_memory.py --phases peftlab-qlora-unpinned  # where one setup's memory goes
 
 Setups whose library is missing or fails (bitsandbytes without a backend for this machine) are listed as not run,
 with the reason. Results go to benchmarks/results/load_memory.json.
@@ -34,7 +38,10 @@ import time
 SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5)
 SHARD_BYTES = 2 << 30
-SETUPS = ["peftlab-fp32", "peftlab-bf16", "peftlab-qlora", "hf-fp32", "hf-bf16", "hf-bnb-4bit"]
+SETUPS = ["peftlab-fp32", "peftlab-bf16", "peftlab-qlora", "hf-fp32", "hf-bf16", "hf-bnb-4bit",
+          "peftlab-fp32-unpinned", "peftlab-bf16-unpinned", "peftlab-qlora-unpinned"]
+# *-unpinned: the same setup with peftlab.models.loading.pin_mmap_threshold switched off (glibc's own dynamic mmap
+# threshold), to show what pinning it does to peak memory and to the step's CPU time.
 SEQ = 256
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "load_memory.json")
 
@@ -86,12 +93,17 @@ def write_checkpoint(folder: str) -> None:
                os.path.join(folder, "model.safetensors.index.json"))
 
 
-def peak_rss() -> int:
+def status_bytes(field: str) -> int:
+    """A size field of /proc/self/status (VmHWM, VmRSS) in bytes."""
     with open("/proc/self/status") as fh:
         for line in fh:
-            if line.startswith("VmHWM"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def peak_rss() -> int:
+    return status_bytes("VmHWM")
 
 
 def load(setup: str, folder: str):
@@ -100,6 +112,12 @@ def load(setup: str, folder: str):
 
     if setup.startswith("peftlab"):
         from peftlab.core.method import get_method
+
+        if setup.endswith("-unpinned"):
+            import peftlab.models.loading
+
+            peftlab.models.loading.pin_mmap_threshold = lambda *args: False
+            setup = setup.removesuffix("-unpinned")
         from peftlab.methods.qlora import QLoraConfig
         from peftlab.models import load_model
 
@@ -122,13 +140,16 @@ def load(setup: str, folder: str):
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs), None
 
 
-def run_setup(setup: str, folder: str) -> dict:
+def run_setup(setup: str, folder: str, mark=lambda phase: None) -> dict:
+    """One setup in this process; `mark(phase)` is called after each phase (load, wrap, forward, backward, step)."""
     import torch
 
     torch.manual_seed(0)
+    mark("imports")
     start = time.perf_counter()
     model, config = load(setup, folder)
     loaded, load_peak = time.perf_counter(), peak_rss()
+    mark("load")
     if setup.startswith("peftlab"):
         from peftlab import get_peft_model
 
@@ -140,18 +161,24 @@ def run_setup(setup: str, folder: str) -> dict:
             model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     wrapped = time.perf_counter()
+    mark("wrap")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-4)
     ids = torch.randint(0, SHAPE["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(0))
-    sixteen = setup != "peftlab-fp32" and setup != "hf-fp32"
+    sixteen = "fp32" not in setup
+    cpu = time.process_time()  # CPU seconds of all the process's threads: steadier than wall time on a busy machine
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=sixteen):
         loss = model(input_ids=ids, labels=ids).loss
+    mark("forward")
     loss.backward()
+    mark("backward")
     optimizer.step()
-    end = time.perf_counter()
-    return {"setup": setup, "peak_rss_bytes": peak_rss(), "load_peak_rss_bytes": load_peak, "load_s": round(loaded - start, 1),
-            "wrap_s": round(wrapped - loaded, 1), "step_s": round(end - wrapped, 1), "total_s": round(end - start, 1),
+    end, cpu = time.perf_counter(), time.process_time() - cpu
+    mark("step")
+    return {"setup": setup, "peak_rss_bytes": peak_rss(), "load_peak_rss_bytes": load_peak,
+            "load_s": round(loaded - start, 1), "wrap_s": round(wrapped - loaded, 1), "step_s": round(end - wrapped, 1),
+            "step_cpu_s": round(cpu, 1), "total_s": round(end - start, 1),
             "loss": round(float(loss), 4), "trainable_params": sum(p.numel() for p in trainable),
             "trainable_dtypes": sorted({str(p.dtype) for p in trainable})}
 
@@ -168,21 +195,49 @@ def child(setup: str) -> int:
     return 0
 
 
+def phases(setup: str) -> int:
+    """Where one setup's memory goes (--phases): after each phase, resident GB now, the peak during the phase, and
+    what stays resident after glibc's malloc_trim (the live tensors; the rest was freed memory the heap kept), and
+    the phase's CPU seconds. The peak is reset after each phase (/proc/self/clear_refs), and the trims lower later
+    phases' figures: a diagnostic, not a row of the table. PEFTLAB_MMAP_THRESHOLD=0 (or another size) in the
+    environment compares the allocator settings; run such processes side by side for comparable CPU seconds."""
+    import ctypes
+
+    def field(name: str) -> float:
+        return status_bytes(name) / 1e9
+
+    cpu = [time.process_time()]
+
+    def mark(phase: str) -> None:
+        now, peak, seconds = field("VmRSS"), field("VmHWM"), time.process_time() - cpu[0]
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        print(f"{phase:9s} resident {now:.2f} GB, peak during the phase {peak:.2f} GB, live after trim "
+              f"{field('VmRSS'):.2f} GB, CPU {seconds:.1f} s", flush=True)
+        cpu[0] = time.process_time()
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+
+    run_setup(setup, checkpoint_dir(), mark)
+    return 0
+
+
 def table(results: list[dict]) -> str:
     by = {r["setup"]: r for r in results}
     fp32 = by.get("peftlab-fp32", {}).get("peak_rss_bytes")
-    twins = {"peftlab-fp32": "hf-fp32", "peftlab-bf16": "hf-bf16", "peftlab-qlora": "hf-bnb-4bit"}
+    twins = {"peftlab-fp32": "hf-fp32", "peftlab-bf16": "hf-bf16", "peftlab-qlora": "hf-bnb-4bit",
+             "peftlab-fp32-unpinned": "hf-fp32", "peftlab-bf16-unpinned": "hf-bf16",
+             "peftlab-qlora-unpinned": "hf-bnb-4bit"}
     lines = ["| setup | peak RSS (GB) | x peftlab fp32 | x HF same dtype | peak after load (GB) | load s | "
-             "load+wrap+step s |", "|---|---|---|---|---|---|---|"]
+             "load+wrap+step s | step CPU s |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['setup']} | not run: {r['error']} | | | | | |")
+            lines.append(f"| {r['setup']} | not run: {r['error']} | | | | | | |")
             continue
         peak = r["peak_rss_bytes"]
         twin = by.get(twins.get(r["setup"], ""), {}).get("peak_rss_bytes")
         lines.append(f"| {r['setup']} | {peak / 1e9:.2f} | {peak / fp32:.2f} | "
                      f"{f'{peak / twin:.2f}' if twin else ''} | {r.get('load_peak_rss_bytes', 0) / 1e9:.2f} | "
-                     f"{r['load_s']} | {r['total_s']} |")
+                     f"{r['load_s']} | {r['total_s']} | {r.get('step_cpu_s', '')} |")
     return "\n".join(lines)
 
 
@@ -190,9 +245,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", choices=SETUPS, help=argparse.SUPPRESS)  # internal: one setup, in this process
     parser.add_argument("--only", help="comma-separated setups to run (default: all)")
+    parser.add_argument("--phases", choices=SETUPS, help="run one setup here and print its memory after each phase")
     args = parser.parse_args()
     if args.setup:
         return child(args.setup)
+    if args.phases:
+        return phases(args.phases)
     folder = checkpoint_dir()
     start = time.perf_counter()
     write_checkpoint(folder)

@@ -72,7 +72,7 @@ def main() -> None:
     from peftlab import LoraConfig, QLoraConfig, get_peft_model
     from peftlab.methods.qlora import bnb
     from peftlab.methods.qlora.layer import NF4Linear
-    from peftlab.methods.qlora.nf4 import nf4_nbytes
+    from peftlab.kernels.nf4 import nf4_nbytes
     from peftlab.models import load_model, load_tokenizer
 
     base = load_model("smollm2").eval()

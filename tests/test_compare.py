@@ -68,21 +68,30 @@ def _csv(out):
 def test_compare_writes_table_and_plots_and_keeps_the_failed_method(compared):
     _, out, code, _ = compared
     assert code == 1, "one method failed: the exit status says so, the table is still written"
-    for name in ("results.md", "results.csv", "score_vs_params.png", "loss_curves.png", "compare_config.yaml"):
+    for name in ("results.md", "results.csv", "score_vs_params.png", "loss_curves.png", "score_vs_cost.png",
+                 "compare_config.yaml"):
         assert (out / "report" / name).is_file(), name
-    for name in ("score_vs_params.png", "loss_curves.png"):
+    for name in ("score_vs_params.png", "loss_curves.png", "score_vs_cost.png"):
         data = (out / "report" / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
 
-    rows = _csv(out)
+    all_rows = _csv(out)
+    references, rows = all_rows[:2], all_rows[2:]
+    # 12 eval rows (0.25 of 48); the majority level is the most common eval label's share, from the data counts.
+    counts = json.loads((out / "runs" / "lora" / "result.json").read_text())["data"]["label_counts"]["eval"]
+    top = max(counts, key=counts.get)
+    assert sum(counts.values()) == 12 and counts[top] > 6
+    assert [r["method"] for r in references] == ["chance (1/2)", f"majority class ({top}: {counts[top]} of 12)"]
+    assert [float(r["accuracy"]) for r in references] == [0.5, counts[top] / 12] and references[0]["accuracy_low"] == ""
     assert [r["method"] for r in rows] == ["lora", "vera", "broken"]
-    assert list(rows[0])[:4] == ["method", "method_name", "accuracy", "eval_loss"], "the score column says what it is"
-    numeric = ["accuracy", "eval_loss", "trainable_params", "trainable_pct", "peak_mem_mib", "wall_s", "train_s",
-               "tokens_per_s", "adapter_bytes"]
+    assert list(rows[0])[:5] == ["method", "method_name", "seeds_ok", "seeds", "accuracy"], "the score says what it is"
+    numeric = ["accuracy", "accuracy_low", "accuracy_high", "eval_loss", "trainable_params", "trainable_pct",
+               "peak_mem_mib", "wall_s", "train_s", "tokens_per_s", "adapter_bytes"]
     for r in rows[:2]:
         assert r["status"] == "ok", r
         values = {k: float(r[k]) for k in numeric}
-        assert 0 <= values["accuracy"] <= 1 and values["eval_loss"] > 0
+        assert 0 <= values["accuracy_low"] < values["accuracy"] < values["accuracy_high"] <= 1
+        assert values["eval_loss"] > 0 and r["accuracy_sd"] == "" and r["seeds"] == "0"
         assert 0 < values["trainable_pct"] < 100 and values["peak_mem_mib"] > 10 and values["tokens_per_s"] > 0
         assert values["wall_s"] >= values["train_s"] > 0
     assert float(rows[0]["trainable_params"]) == LORA_TRAINABLE
@@ -93,9 +102,11 @@ def test_compare_writes_table_and_plots_and_keeps_the_failed_method(compared):
 
     lines = (out / "report" / "results.md").read_text().splitlines()
     table = [line for line in lines if line.startswith("|")]
-    assert len(table) == 2 + 3, "header, separator, one row per method"
+    assert len(table) == 2 + 2 + 3, "header, separator, the two reference rows, one row per method"
     assert len({line.count(" | ") for line in table if not line.startswith("|---")}) == 1, "same cells per row"
-    assert "accuracy (higher is better)" in table[0] and "peak RSS (MiB)" in table[0]
+    assert "accuracy (higher is better) [95% Wilson interval]" in table[0] and "peak RSS (MiB)" in table[0]
+    low, high = float(rows[0]["accuracy_low"]), float(rows[0]["accuracy_high"])
+    assert f"{float(rows[0]['accuracy']):.4f} [{low:.4f}, {high:.4f}]" in table[4], "value [interval] in the cell"
 
 
 def test_each_method_keeps_its_run_folder_result_and_log(compared):
@@ -115,8 +126,9 @@ def test_each_method_keeps_its_run_folder_result_and_log(compared):
 def test_only_runs_a_subset_and_a_second_run_reuses_stored_results(compared, capsys):
     path, out, _, first = compared
     assert first["code"] == 1
-    assert [(r["method"], r["status"]) for r in first["rows"]][1] == ("vera", "not run"), "listed, not run"
-    assert first["rows"][0]["status"] == "ok"
+    methods = [r for r in first["rows"] if r["method_name"] != "reference"]
+    assert [(r["method"], r["status"]) for r in methods][1] == ("vera", "not run"), "listed, not run"
+    assert methods[0]["status"] == "ok"
     # The second (full) run ran only vera: lora's and broken's results are the files the first run wrote.
     assert {m: (out / "runs" / m / "result.json").stat().st_mtime_ns for m in ("lora", "broken")} == first["mtimes"]
 

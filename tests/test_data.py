@@ -175,6 +175,9 @@ BAD_ROWS = [
     ("sft", {"messages": [{"role": "human", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
      "'messages'", "role 'human'", "messages: unknown role"),
     ("sft", {"messages": "hi"}, "'messages'", "non-empty list", "messages: not a list of messages"),
+    ("sft", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                          {"role": "user", "content": "and"}]}, "'messages'", "ends on a user turn (message 2)",
+     "messages: ends on a user turn"),
     ("sft", {"instruction": "say hi", "output": 3}, "'output'", "must be a string", "output: not a string"),
 ]
 
@@ -324,7 +327,7 @@ def test_prompt_response_uses_chat_template_when_there_is_one(tmp_path, tok):
 def test_chat_multi_turn_trains_only_assistant_turns(tmp_path, tok):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"},
                 {"role": "assistant", "content": "hi how are you"}, {"role": "user", "content": "fine thanks"},
-                {"role": "assistant", "content": "good bye"}, {"role": "user", "content": "see you later"}]
+                {"role": "assistant", "content": "good bye"}]
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
     cfg = DataConfig(train_file=path, eval_fraction=0)
     (ex,) = encode_rows(load_splits(cfg, "sft").train, "sft", tok, cfg)
@@ -334,7 +337,7 @@ def test_chat_multi_turn_trains_only_assistant_turns(tmp_path, tok):
     toks = tok.convert_ids_to_tokens(ex["input_ids"])
     spans = [i for i, lab in enumerate(ex["labels"]) if lab != -100]
     assert [toks[i - 1] for i in spans if i - 1 not in spans] == ["<assistant>", "<assistant>"]
-    assert "see" not in [toks[i] for i in spans] and "be" not in [toks[i] for i in spans]
+    assert "fine" not in [toks[i] for i in spans] and "be" not in [toks[i] for i in spans]
 
 
 def test_chat_template_that_rewrites_history_is_refused(tmp_path, tok):
@@ -346,7 +349,7 @@ def test_chat_template_that_rewrites_history_is_refused(tmp_path, tok):
     cfg = DataConfig(train_file=path, eval_fraction=0)
     with pytest.raises(DataError, match=r"chat\.jsonl, row 1, column 'messages': the chat template renders"):
         encode_rows(load_splits(cfg, "sft").train, "sft", shifty, cfg)
-    with pytest.raises(DataError, match="need a tokenizer with a chat template"):
+    with pytest.raises(DataError, match="need a chat template, and this tokenizer has none.*chat_template: NAME"):
         encode_rows(load_splits(cfg, "sft").train, "sft", make_tokenizer(chat=False), cfg)
 
 

@@ -269,17 +269,17 @@ def test_enable_falls_back_where_the_fused_path_does_not_apply():
     model = _lora_llama(dropout=0.1)
     enable(model, backend="torch")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
-    from peftlab.kernels import switch
+    from peftlab.methods.lora.fused import fused_forward
 
     x = torch.randn(2, 3, 32)
     model.train()
-    assert switch.fused_forward(layer, x) is None  # dropout at work
+    assert fused_forward(layer, x) is None  # dropout at work
     model.eval()
-    assert switch.fused_forward(layer, x) is not None
-    torch.testing.assert_close(switch.fused_forward(layer, x), layer.base_layer(x) + 2.0 * layer.lora_B["default"](
+    assert fused_forward(layer, x) is not None
+    torch.testing.assert_close(fused_forward(layer, x), layer.base_layer(x) + 2.0 * layer.lora_B["default"](
         layer.lora_A["default"](x)))
     layer.merge()
-    assert switch.fused_forward(layer, x) is None  # merged: no live adapter
+    assert fused_forward(layer, x) is None  # merged: no live adapter
     layer.unmerge()
     with pytest.raises(ValueError, match="found no layer with a fused path"):
         enable(torch.nn.Sequential(torch.nn.Linear(2, 2)))

@@ -27,10 +27,11 @@ import pytest
 import torch
 
 from peftlab import get_peft_model
-from peftlab.kernels import disable, enable, fused_qlora_linear, qlora_linear_reference, switch
+from peftlab.kernels import disable, enable, fused_qlora_linear, qlora_linear_reference
 from peftlab.kernels import lora_linear as ll
 from peftlab.methods.qlora import QLoraConfig, bnb
-from peftlab.methods.qlora.nf4 import dequantize_nf4, quantize_nf4
+from peftlab.kernels.nf4 import dequantize_nf4, quantize_nf4
+from peftlab.methods.lora.fused import fused_forward
 
 from .conftest import tiny_gpt2, tiny_llama
 from .kernel_testing import BACKENDS, close, logits_and_grads, needs_triton
@@ -253,7 +254,7 @@ def test_enable_on_qlora_matches_plain_and_leaves_the_codes_alone(backend):
     codes get no gradient and do not move through an optimizer step."""
     model = _qlora_llama().train()
     ids = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(1))
-    layers = [m for _, m in model._adapter_layers()]
+    layers = [m for _, m in model.adapter_layers()]
     codes = {id(m): m.base_layer.weight.detach().clone() for m in layers}
 
     def run():
@@ -296,25 +297,25 @@ def test_qlora_falls_back_to_the_plain_path_where_the_node_does_not_apply():
     enable(model, backend="torch")
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     model.train()
-    assert switch.fused_forward(layer, x) is None  # dropout at work
+    assert fused_forward(layer, x) is None  # dropout at work
     model.eval()
-    y = switch.fused_forward(layer, x)
+    y = fused_forward(layer, x)
     torch.testing.assert_close(y, layer.base_layer(x) + 2.0 * layer.lora_B["default"](layer.lora_A["default"](x)))
     layer.base_layer.compute_dtype = "bfloat16"  # plain path: x cast for the base GEMM only
-    assert layer.fused_base_forward(x, "default") is None and switch.fused_forward(layer, x) is None
+    assert layer.fused_base_forward(x, "default") is None and fused_forward(layer, x) is None
     assert layer.fused_base_forward(x.bfloat16(), "default") is not None  # (x already in the compute dtype)
     layer.base_layer.compute_dtype = "auto"
     layer.base_layer.backend = "bitsandbytes"  # bitsandbytes' kernels asked for explicitly: they run, plain path
-    assert switch.fused_forward(layer, x) is None
+    assert fused_forward(layer, x) is None
     layer.base_layer.backend = "auto"
     layer.merge()
-    assert switch.fused_forward(layer, x) is None  # merged: no live adapter
+    assert fused_forward(layer, x) is None  # merged: no live adapter
     layer.unmerge()
-    assert switch.fused_forward(layer, x) is not None
+    assert fused_forward(layer, x) is not None
     gpt2 = get_peft_model(tiny_gpt2(), QLoraConfig(r=4, target_modules=["c_attn"])).eval()  # Conv1D: (in, out)
     enable(gpt2, backend="torch")
     conv = gpt2.base_model.model.transformer.h[0].attn.c_attn
-    assert conv.fused_base_forward(x, "default") is None and switch.fused_forward(conv, x) is None
+    assert conv.fused_base_forward(x, "default") is None and fused_forward(conv, x) is None
 
 
 @pytest.mark.skipif(bnb.import_error() is not None, reason="bitsandbytes is not importable here")

@@ -25,14 +25,13 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model import read_config
 
 from .conftest import model_inputs, output_of, tiny_gpt2, tiny_llama
+from .peft_parity import TIGHT  # PEFT's fp32 ops in the same order: equal up to matmul summation order
 
-# Both sides run the same decomposition kernel on the same fp32 matrix; matmul summation order may differ.
-TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 # PEFT warns about Conv1D fan_in_fan_out
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def pair(kind: str, seed: int = 0, **cfg):
@@ -88,7 +87,7 @@ def test_identity_at_init_while_the_base_changed(case):
     x = model_inputs(kind)
     # W_res + s B A = W up to one rounding per weight; the logits pass through a few layers of that.
     torch.testing.assert_close(output_of(model, x), output_of(reference, x), rtol=1e-4, atol=1e-4)
-    for path, layer in model._adapter_layers():
+    for path, layer in model.adapter_layers():
         W0 = reference.get_submodule(path).weight
         assert not torch.allclose(layer.base_layer.weight, W0), f"{path}: the base weight should be the residual"
         torch.testing.assert_close(layer.base_layer.weight + layer.delta_weight("default"), W0, rtol=1e-5,

@@ -107,7 +107,7 @@ def test_rank_and_alpha_patterns_apply_per_module():
 # ---- which modules get adapted ---------------------------------------------------------------------------
 
 def _targets(model):
-    return sorted(n for n, _ in model._adapter_layers())
+    return sorted(n for n, _ in model.adapter_layers())
 
 
 @pytest.mark.parametrize("arch,expected", [("llama", {"q_proj", "v_proj"}), ("gpt2", {"c_attn"}),

@@ -26,7 +26,7 @@ from peftlab.models import load_model
 
 from .conftest import BUILDERS, save_tiny, sentences, write_jsonl
 from .conftest import run_config as make_run_config
-from .test_conformance import CASES, _perturb
+from .test_conformance import _examples, _perturb
 
 CHECK = re.compile(r"merge check: largest \|logit difference\| between the adapter model and the merged model on "
                    r"(\d+) rows \((\d+) tokens\): (\S+) \((\S+) of the largest \|logit\|\)")
@@ -126,13 +126,14 @@ def test_method_flag_that_does_not_fit_the_file_is_one_error_line(qlora_run, lla
 def _mergeable_cases():
     """One conformance-table row per registered method that merges (and is trained by the loop): its llama row, or
     its gpt2 row for a method with no llama row (BitFit: llama has no biases)."""
-    merging = {m.name for m in registered_methods() if m.merges and m.run is None}
+    merging = [m for m in registered_methods() if m.merges and m.run is None]
     rows: dict[str, tuple] = {}
     for arch in ("llama", "gpt2"):
-        for name, row_arch, make, *_ in CASES:
-            if row_arch == arch and name in merging and name not in rows:
-                rows[name] = (name, arch, make)
-    assert set(rows) == merging, sorted(merging - set(rows))
+        for method in merging:
+            example = next((e for e in _examples(method) if e.arch == arch), None)
+            if example is not None and method.name not in rows:
+                rows[method.name] = (method.name, arch, example.make_config)
+    assert set(rows) == {m.name for m in merging}, sorted({m.name for m in merging} - set(rows))
     return [pytest.param(*row, id=name) for name, row in sorted(rows.items())]
 
 
@@ -158,10 +159,36 @@ def test_the_warning_fires_with_the_figure_on_a_broken_merge(qlora_run, llama_di
     warning = [line for line in err.splitlines() if "warning" in line]
     assert len(warning) == 1, err
     assert f"by up to {figure:.3g}" in warning[0]
-    assert f"({relative:.2g} of the largest |logit|, above 0.01)" in warning[0]
+    assert f"({relative:.2g} of the largest |logit|, above 16 x fp32's epsilon 1.2e-07 = 1.9e-06, the" in warning[0]
     # The figure is the real difference: the saved model vs the adapter model, measured here again.
     ids = torch.tensor([[5, 17, 3, 44, 60, 2, 9, 31, 70, 12]])
     monkeypatch.setattr(LoraLinear, "delta_weight", real)
     adapter_model = PeftModel.from_pretrained(load_model(llama_dir), str(adapter))
     broken = AutoModelForCausalLM.from_pretrained(tmp_path / "broken")
     assert float((_logits(broken, ids) - _logits(adapter_model, ids)).abs().max()) > 0.1 * figure
+
+
+def test_the_tolerance_scales_with_the_dtype_s_epsilon(tmp_path, capsys, monkeypatch):
+    """A correct bf16 merge rounds every merged weight to 8 mantissa bits: its figure is far above fp32's tolerance
+    but within bf16's (16 x 2^-7), so no warning; a merge of 50x the update is far outside it and warns, naming the
+    tolerance. Reference: the same merge in fp32 differs by fp32 rounding only."""
+    from peftlab import LoraConfig
+    from peftlab.cli.merge_cmd import tolerance
+
+    model_dir = save_tiny(tmp_path / "llama", "llama")
+    model = get_peft_model(BUILDERS["llama"](), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    _perturb(model)
+    model.save_pretrained(tmp_path / "adapter")
+    figures = {}
+    for dtype in ("fp32", "bf16"):
+        code, _, err, _, figures[dtype] = _merge(capsys, model_dir, str(tmp_path / "adapter"), str(tmp_path / dtype),
+                                                 "--dtype", dtype)
+        assert code == 0 and "warning" not in err, (dtype, err)
+    assert tolerance("fp32")[0] == 16 * torch.finfo(torch.float32).eps and tolerance("bf16")[0] == 16 / 128
+    assert figures["fp32"] < tolerance("fp32")[0] < figures["bf16"] < tolerance("bf16")[0], figures
+    real = LoraLinear.delta_weight
+    monkeypatch.setattr(LoraLinear, "delta_weight", lambda self, name: 50 * real(self, name))
+    code, _, err, _, relative = _merge(capsys, model_dir, str(tmp_path / "adapter"), str(tmp_path / "broken"),
+                                       "--dtype", "bf16")
+    assert code == 0 and relative > 0.125
+    assert "above 16 x bf16's epsilon 0.0078 = 0.12, the rounding a correct merge in this dtype" in err, err

@@ -28,9 +28,8 @@ from peftlab.methods.adalora.allocator import adapter_layers, budget_schedule, t
 from peftlab.train import Trainer
 
 from .conftest import model_inputs, output_of, run_config, sentences, tiny_gpt2, tiny_llama
+from .peft_parity import TIGHT  # PEFT's fp32 ops in the same order: equal up to matmul summation order
 
-# Same fp32 ops in the same order as PEFT: equal up to summation order inside matmuls (in practice bit-equal here).
-TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
@@ -282,7 +281,7 @@ def test_a_pruned_file_onto_a_full_adapter_says_what_happened(tmp_path):
     ours.save_pretrained(tmp_path)
     fresh = peftlab.get_peft_model(tiny_llama(), AdaLoraConfig(init_r=4, target_r=2, total_step=10))
     with pytest.raises(peftlab.AdapterFileError, match="pruned triplets.*from_pretrained"):
-        fresh._load_tensors("default", load_file(tmp_path / "adapter_model.safetensors"), str(tmp_path))
+        fresh.load_tensors("default", load_file(tmp_path / "adapter_model.safetensors"), str(tmp_path))
 
 
 # ---- config errors ---------------------------------------------------------------------------------------------

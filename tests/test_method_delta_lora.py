@@ -25,17 +25,17 @@ from peftlab.methods.delta_lora import DeltaLoraConfig, DeltaLoraLinear
 from peftlab.train import Trainer
 
 from .conftest import model_inputs, output_of, run_config, sentences, straight_and_resumed, tiny_gpt2, tiny_llama
+from .peft_parity import TIGHT  # PEFT's fp32 ops in the same order: equal up to matmul summation order
 
-TIGHT = dict(rtol=1e-5, atol=1e-6)
 BUILD = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
 
 # PEFT's note on the two extra config keys, transformers' deprecations
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def _layers(model):
-    return [(p, m) for p, m in model._adapter_layers() if isinstance(m, DeltaLoraLinear)]
+    return [(p, m) for p, m in model.adapter_layers() if isinstance(m, DeltaLoraLinear)]
 
 
 def _train_recording(model, kind, steps, lr=2e-2):

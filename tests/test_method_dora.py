@@ -19,7 +19,6 @@ import peft as hf
 import pytest
 import torch
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
@@ -27,30 +26,12 @@ from peftlab import LoraConfig, PeftModel, get_peft_model
 from peftlab.core.config import ConfigError
 from peftlab.methods.dora import DoraConfig, DoraConv2d, DoraEmbedding, DoraLinear
 
-from .conftest import BUILDERS, TinyConv, model_inputs, tiny_gpt2, tiny_llama
-
-# Same fp32 ops on both sides; only summation order inside matmuls/norms may differ.
-TIGHT = dict(rtol=1e-5, atol=1e-6)
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
+from .conftest import TinyConv, model_inputs, tiny_gpt2, tiny_llama
+from .peft_parity import TASK, TIGHT, build, file_shapes, logits
 
 
 # PEFT warns about Conv1D fan_in_fan_out and saved embedding layers
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
-
-
-def build(kind: str) -> nn.Module:
-    return TinyConv() if kind == "conv" else BUILDERS[kind]()
-
-
-def inputs_for(kind: str) -> dict[str, torch.Tensor]:
-    if kind == "conv":
-        return {"x": torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))}
-    return model_inputs(kind)
-
-
-def logits(model, kind: str) -> torch.Tensor:
-    out = model(**inputs_for(kind))
-    return out if isinstance(out, torch.Tensor) else out.logits
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 # (model kind, config kwargs shared by both libraries)
@@ -338,9 +319,8 @@ def test_files_cross_both_ways_with_same_logits(variant, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     theirs.save_pretrained(tmp_path / "peft")
 
-    ours_file = load_file(str(tmp_path / "ours" / "adapter_model.safetensors"))
-    peft_file = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
-    assert {k: tuple(v.shape) for k, v in ours_file.items()} == {k: tuple(v.shape) for k, v in peft_file.items()}
+    ours_file = file_shapes(tmp_path / "ours")
+    assert ours_file == file_shapes(tmp_path / "peft")
     assert any(k.endswith(".lora_magnitude_vector") for k in ours_file)
     written = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA" and written["use_dora"] is True

@@ -19,7 +19,7 @@ from peftlab.cli.main import main
 from peftlab.core.config import ConfigError
 from peftlab.data import load_splits
 from peftlab.methods.features import LinearProbe, extract_features, fit_probe, load
-from peftlab.retrieval import embed_ids, pool
+from peftlab.methods.embeddings import embed_ids, pool
 from peftlab.train import build_run_config, train
 
 from .conftest import save_tiny, sentences, tiny_llama, tiny_tokenizer, write_jsonl
@@ -214,3 +214,27 @@ def test_features_need_a_classify_task(llama_dir, tmp_path):
                             "data": {"train_file": str(txt)}, "train": {"output_dir": str(tmp_path / "o")}})
     with pytest.raises(ConfigError, match="features classifies texts: it needs `task: classify`"):
         train(run, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("method", [{"name": "features", "pooling": "last", "cache_dir": ""},
+                                    {"name": "icl", "k": 0, "instruction": ""}], ids=["features", "icl"])
+def test_a_method_that_takes_over_the_run_loads_the_base_in_the_runs_model_dtype(llama_dir, tmp_path, monkeypatch,
+                                                                                  method):
+    """model.dtype reaches the frozen base of features and icl through the run's context (both loaded it in fp32
+    whatever the run said)."""
+    from peftlab.methods import baseline_run
+
+    seen, real = [], baseline_run.load_frozen_base
+
+    def spy(*args, **kwargs):
+        tokenizer, model, path = real(*args, **kwargs)
+        seen.append(next(model.parameters()).dtype)
+        return tokenizer, model, path
+
+    monkeypatch.setattr(baseline_run, "load_frozen_base", spy)
+    config = _config(tmp_path, llama_dir, method)
+    config["model"] = {"name": llama_dir, "dtype": "bf16"}
+    config["train"]["precision"] = "bf16"
+    result = train(build_run_config(config), log=lambda *_: None)
+    assert seen == [torch.bfloat16]
+    assert {"loss", "accuracy", "macro_f1"} <= set(result["after"])

@@ -14,13 +14,10 @@ Invariants checked:
 
 from __future__ import annotations
 
-import json
-
 import peft as hf
 import pytest
 import torch
 from peft.utils import constants as hf_constants
-from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
@@ -29,15 +26,12 @@ from peftlab.core.model import read_config
 from peftlab.methods.ia3 import IA3_FEEDFORWARD, IA3_TARGETS, IA3Config, IA3Linear
 
 from .conftest import BUILDERS, model_inputs, output_of
+from .peft_parity import PEFT_STAMPS, TASK, TIGHT, assert_files_cross_both_ways, config_keys, file_shapes
 
-# Same fp32 ops in the same order in both libraries: the logits agree to float rounding (measured: exactly).
-TIGHT = dict(rtol=1e-5, atol=1e-6)
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
-WEIGHTS = "adapter_model.safetensors"
 
 
 # PEFT warns about Conv1D's fan_in_fan_out and that IA3 unmerging is inexact; both expected here.
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def base(kind):
@@ -175,26 +169,12 @@ def test_files_cross_both_ways_with_the_same_logits(variant, tmp_path):
 
     mine = ours(kind, **cfg)
     randomise(mine)
-    expected = output_of(mine, x)
-    assert not torch.allclose(expected, base_out, atol=1e-3)
-    mine.save_pretrained(tmp_path / "ours")
-    loaded = hf.PeftModel.from_pretrained(base(kind), tmp_path / "ours")
-    torch.testing.assert_close(output_of(loaded, x), expected, **TIGHT)
-
-    peft_side = theirs(kind, **cfg)
-    randomise(peft_side, seed=1)
-    expected = output_of(peft_side, x)
-    peft_side.save_pretrained(tmp_path / "peft")
-    back = peftlab.PeftModel.from_pretrained(base(kind), tmp_path / "peft")
-    torch.testing.assert_close(output_of(back, x), expected, **TIGHT)
-
-    shapes = {side: {k: tuple(v.shape) for k, v in load_file(str(tmp_path / side / WEIGHTS)).items()}
-              for side in ("ours", "peft")}
-    assert shapes["ours"] == shapes["peft"]
-    assert any(k.endswith(".ia3_l") and k.startswith("base_model.model.") for k in shapes["ours"])
+    assert not torch.allclose(output_of(mine, x), base_out, atol=1e-3)
+    # both ways with the same logits, same tensor names and shapes (on bases with random biases, see `base`)
+    assert_files_cross_both_ways(mine, lambda: base(kind), x, tmp_path)
+    assert any(k.endswith(".ia3_l") and k.startswith("base_model.model.") for k in file_shapes(tmp_path / "ours"))
     # The config files hold the same keys (PEFT adds only its version stamp and auto_mapping).
-    keys = {side: set(json.loads((tmp_path / side / "adapter_config.json").read_text())) for side in ("ours", "peft")}
-    assert keys["ours"] == keys["peft"] - {"peft_version", "auto_mapping"}
+    assert config_keys(tmp_path / "ours") == config_keys(tmp_path / "peft") - PEFT_STAMPS
 
 
 def test_our_config_is_read_by_peft_with_the_same_values(tmp_path):

@@ -16,7 +16,7 @@ from peftlab.cli.main import main
 from peftlab.core.config import ConfigError
 from peftlab.data import load_splits
 from peftlab.methods.icl import IclClassifier, PromptBuilder, load, score_continuations, select_random
-from peftlab.retrieval import CosineIndex, MiniLM
+from peftlab.methods.icl.retrieval import CosineIndex, MiniLM
 from peftlab.train import build_run_config
 
 from .conftest import BUILDERS, sentences, tiny_llama, tiny_tokenizer, write_jsonl

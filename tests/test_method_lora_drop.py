@@ -33,13 +33,13 @@ from peftlab.train import Trainer
 from peftlab.train.prepare import PrepareRun
 
 from .conftest import model_inputs, output_of, run_config, sentences, straight_and_resumed, tiny_llama
+from .peft_parity import TIGHT  # PEFT's fp32 ops in the same order: equal up to matmul summation order
 
-TIGHT = dict(rtol=1e-5, atol=1e-6)
 ALL_ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 # transformers' and PEFT's notes, irrelevant here
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def _model(targets=ALL_ATTN, **cfg):
@@ -48,7 +48,7 @@ def _model(targets=ALL_ATTN, **cfg):
 
 
 def _layers(model):
-    return [(p, m) for p, m in model._adapter_layers() if "default" in m.adapter_names]
+    return [(p, m) for p, m in model.adapter_layers() if "default" in m.adapter_names]
 
 
 def _padded_batches():

@@ -8,8 +8,8 @@ Invariants checked:
 - whole-model gradients equal those of a plain LoRA model whose A is frozen (llama, gpt2 with a trained bias);
 - during the forward of an adapted layer nothing of the (batch, seq, in) input is saved for backward, unlike
   LoRA, and the saved-activation bytes are smaller than LoRA's;
-- files are plain LoRA files: PEFT loads them with the same logits, peftlab reads them back as `lora`, and a
-  LoraFaConfig passed to from_pretrained continues LoRA-FA training.
+- files are plain LoRA files: peftlab reads them back as `lora`, and a LoraFaConfig passed to from_pretrained
+  continues LoRA-FA training (PEFT loading them with the same logits: tests/test_conformance.py's round trip).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from peftlab.methods.lora_fa import LoraFaConfig, LoraFaFunction, LoraFaLinear
 from .conftest import BUILDERS, model_inputs, output_of
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def fa_model(kind="llama", **cfg):
@@ -270,16 +270,16 @@ def test_adapted_layers_save_only_the_rank_r_activation_not_the_input():
 # ---- files ---------------------------------------------------------------------------------------------------
 
 
-def test_files_are_plain_lora_loaded_by_peft_with_the_same_logits(tmp_path):
+def test_files_are_plain_lora_files(tmp_path):
+    """The file says LORA with LoraConfig's keys only, and peftlab reads it back as plain LoRA (PEFT loading it with
+    the same logits is the conformance suite's round trip on lora_fa/examples.py)."""
     model = fa_model(r=4, lora_alpha=16)
     x = model_inputs("llama")
     expected = output_of(model, x)
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert written["peft_type"] == "LORA"
-    assert set(written) <= set(hf.LoraConfig().to_dict())
-    theirs = hf.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)
-    torch.testing.assert_close(output_of(theirs, x), expected, rtol=1e-5, atol=1e-6)
+    assert set(written) <= set(hf.LoraConfig().to_dict())  # no key of ours beyond LoraConfig's
     # peftlab reads the file as plain LoRA: right for inference (same logits).
     assert type(read_config(str(tmp_path))) is LoraConfig
     back = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)

@@ -8,7 +8,8 @@ Invariants checked:
 - one AdamW step on a controlled toy moves each B entry by ratio x lr and each A entry by lr (Adam's first
   step is lr x sign(gradient));
 - `peftlab train` accepts `method: {name: lora_plus, loraplus_lr_ratio: 16}` and refuses a bad ratio;
-- files are plain LoRA files (no loraplus_* keys): PEFT loads them with the same logits; run configs keep the ratio.
+- files are plain LoRA files, read back as LoRA; run configs keep the ratio (PEFT loading them with the same logits,
+  with no loraplus_* key PEFT would not write: tests/test_conformance.py's round trip on lora_plus/examples.py).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from peftlab.train import Trainer, build_run_config, load_run_config
 from .conftest import BUILDERS, model_inputs, output_of, save_tiny
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def lr_by_name(model, groups) -> dict[str, float]:
@@ -128,16 +129,17 @@ def test_train_config_validates(tmp_path):
         load_run_config(str(path), ["method.lr_ratio=4"])
 
 
-def test_files_are_plain_lora_loaded_by_peft_with_the_same_logits(tmp_path):
+def test_files_are_plain_lora_files(tmp_path):
+    """The file says LORA with LoraConfig's keys only, and peftlab reads it back as plain LoRA (PEFT loading it with
+    the same logits is the conformance suite's round trip on lora_plus/examples.py)."""
     model = get_peft_model(BUILDERS["llama"](), LoraPlusConfig(r=4, init_lora_weights=False, loraplus_lr_ratio=4,
                                                                task_type="CAUSAL_LM"))
     x = model_inputs("llama")
     expected = output_of(model, x)
     model.save_pretrained(tmp_path)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert set(written) <= set(hf.LoraConfig().to_dict()) and written["peft_type"] == "LORA"
-    theirs = hf.PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path)
-    torch.testing.assert_close(output_of(theirs, x), expected, rtol=1e-5, atol=1e-6)
+    assert written["peft_type"] == "LORA"
+    assert set(written) <= set(hf.LoraConfig().to_dict())  # no loraplus_* key: PEFT's LoraConfig has none
     assert type(read_config(str(tmp_path))) is LoraConfig
     torch.testing.assert_close(output_of(PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path), x), expected,
                                rtol=0, atol=0)

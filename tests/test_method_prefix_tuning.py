@@ -30,7 +30,7 @@ from .test_method_prompt_tuning import (TASK, TIGHT, WEIGHTS, build, file_shapes
                                         pair, peft_file_config_keys)
 
 
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def ours(kind="llama", **cfg):

@@ -34,16 +34,17 @@ from peftlab.core.config import ConfigError
 from peftlab.train.tasks import count_lm_units, lm_loss_sum
 
 from .conftest import BUILDERS, VOCAB, run_config, save_tiny, sentences, tiny_tokenizer
+from .peft_parity import PEFT_STAMPS, WEIGHTS, config_keys, file_shapes
+from .peft_parity import TASK as ARCH_TASK
 
 # Same fp32 ops in both libraries: equal to the bit on one thread; with 2+ threads the MLP reparameterisation's GEMMs
 # split differently and a logit of size ~0.05 differs by up to 1.6e-6 (measured, OMP_NUM_THREADS=2).
 TIGHT = dict(rtol=1e-5, atol=5e-6)
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM", "llama_cls": "SEQ_CLS"}
-WEIGHTS = "adapter_model.safetensors"
+TASK = {**ARCH_TASK, "llama_cls": "SEQ_CLS"}
 
 
 # PEFT warns about position ids and duplicated modules_to_save; transformers about inputs_embeds + padding.
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def tiny_llama_cls(seed: int = 0) -> LlamaForSequenceClassification:
@@ -136,11 +137,7 @@ def copy_from_peft(theirs, ours, seed: int = 3) -> None:
 
 
 def peft_file_config_keys(folder) -> set[str]:
-    return set(json.loads((folder / "adapter_config.json").read_text())) - {"peft_version", "auto_mapping"}
-
-
-def file_shapes(folder) -> dict:
-    return {k: tuple(v.shape) for k, v in load_file(str(folder / WEIGHTS)).items()}
+    return config_keys(folder) - PEFT_STAMPS
 
 
 # ---- initialisation ------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model import read_config
 from peftlab.methods.qlora import NF4Linear, QLoraConfig, QLoraLinear, bnb
 from peftlab.methods.qlora.layer import QuantSettings
-from peftlab.methods.qlora.nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_blockwise_8bit, dequantize_nf4,
+from peftlab.kernels.nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_blockwise_8bit, dequantize_nf4,
                                        dynamic_map_8bit, nf4_nbytes, pack_4bit, quantize_blockwise_8bit,
                                        quantize_nf4, unpack_4bit)
 
@@ -225,7 +225,7 @@ def test_backends_auto_equals_torch_and_bitsandbytes_backend_is_self_consistent(
     if bnb.device_problem("cpu") is not None:  # auto fell back to nf4.py (checked above); the rest needs bnb's kernels
         pytest.skip(f"bitsandbytes on this machine: {bnb.device_problem('cpu')} (backend='auto' falls back to nf4.py, "
                     "as checked above)")
-    for (_, t), (_, b) in zip(torch_model._adapter_layers(), bnb_model._adapter_layers()):
+    for (_, t), (_, b) in zip(torch_model.adapter_layers(), bnb_model.adapter_layers()):
         assert torch.equal(t.base_layer.weight, b.base_layer.weight)  # 4-bit codes: identical
     torch.testing.assert_close(output_of(bnb_model, x), output_of(lora_twin(bnb_model), x), rtol=0, atol=0)
 
@@ -238,7 +238,7 @@ def test_an_explicit_bitsandbytes_backend_fails_loudly_where_it_cannot_run(monke
     monkeypatch.setattr(bnb, "device_problem", lambda device: "bitsandbytes cannot be imported (ImportError: ...)")
     x = model_inputs("llama")
     torch.testing.assert_close(output_of(model, x), output_of(lora_twin(model), x), rtol=0, atol=0)
-    for _, layer in model._adapter_layers():
+    for _, layer in model.adapter_layers():
         layer.base_layer.backend = "bitsandbytes"
     with pytest.raises(RuntimeError, match=r"backend='bitsandbytes' cannot dequantise.*cannot be imported.*'auto'"):
         output_of(model, x)
@@ -258,7 +258,7 @@ def test_forward_equals_lora_on_the_dequantised_weight_exactly(kind, cfg):
 
 def test_bf16_model_computes_in_bf16_with_fp32_adapters():
     model = get_peft_model(BUILDERS["llama"]().to(torch.bfloat16), QLoraConfig(r=4, init_lora_weights=False))
-    layer = next(layer for _, layer in model._adapter_layers())
+    layer = next(layer for _, layer in model.adapter_layers())
     assert layer.lora_A["default"].weight.dtype == torch.float32
     x = model_inputs("llama")
     logits = output_of(model, x)
@@ -302,7 +302,7 @@ def test_gradients_reach_only_the_adapter_and_equal_loras(kind, cfg):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
     assert with_grad == trainable
-    for name, layer in model._adapter_layers():
+    for name, layer in model.adapter_layers():
         assert layer.base_layer.weight.dtype == torch.uint8 and not layer.base_layer.weight.requires_grad
         assert layer.base_layer.weight.grad is None
     twin_params = dict(twin.named_parameters())
@@ -358,7 +358,7 @@ def test_quantising_frees_the_fp32_weights_and_memory_drops():
     model = get_peft_model(base, QLoraConfig(r=4, target_modules="all-linear"))
     held = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
     assert not any(w.untyped_storage().data_ptr() in held for w in targeted.values())
-    layers = [layer.base_layer for _, layer in model._adapter_layers()]
+    layers = [layer.base_layer for _, layer in model.adapter_layers()]
     weights = sum(w.numel() for w in targeted.values())
     assert sum(layer.nbytes() for layer in layers) < 0.14 * 4 * weights  # 4.1-4.2 bits per weight (small layers)
     adapters = sum(t.numel() * 4 for t in model.adapter_tensors("default").values())
@@ -367,7 +367,7 @@ def test_quantising_frees_the_fp32_weights_and_memory_drops():
 
 def test_dtype_casts_move_the_device_copy_but_never_round_the_scales():
     model = qlora_model("llama")
-    layer = next(layer for _, layer in model._adapter_layers()).base_layer
+    layer = next(layer for _, layer in model.adapter_layers()).base_layer
     before = layer.dequantized_weight(torch.float32)
     model.to(torch.bfloat16)
     model.half()
@@ -383,7 +383,7 @@ def test_merge_gives_plain_float_layers_not_requantised_and_unmerge_restores_the
     model = qlora_model(kind)
     x = model_inputs(kind)
     unmerged = output_of(model, x)
-    layers = dict(model._adapter_layers())
+    layers = dict(model.adapter_layers())
     codes = {n: {k: t.clone() for k, t in layer.base_layer.state_dict().items()} for n, layer in layers.items()}
     expected = {n: layer.base_layer.dequantized_weight(torch.float32) + layer.delta_weight("default")
                 for n, layer in layers.items()}
@@ -410,7 +410,7 @@ def test_merge_gives_plain_float_layers_not_requantised_and_unmerge_restores_the
 
 def test_unload_gives_nn_linear_with_the_dequantised_weight():
     model = qlora_model("llama", target_modules="all-linear")
-    layers = dict(model._adapter_layers())
+    layers = dict(model.adapter_layers())
     W_hat = {n: layer.base_layer.dequantized_weight() for n, layer in layers.items()}
     x = model_inputs("llama")
     with model.disable_adapter():
@@ -427,7 +427,7 @@ def test_merged_layers_follow_the_device_and_dtype_of_the_model():
     model.merge_adapter()
     model.to(torch.float64)  # the set-aside 4-bit base follows (here: its nominal dtype) and comes back with it
     model.unmerge_adapter()
-    layer = next(layer for _, layer in model._adapter_layers())
+    layer = next(layer for _, layer in model.adapter_layers())
     assert isinstance(layer.base_layer, NF4Linear) and layer.base_layer.weight_dtype == torch.float64
 
 
@@ -478,7 +478,7 @@ def test_onto_the_full_precision_base_the_difference_is_the_quantisation_error(t
     # Loading as QLoRA again re-quantises the full base deterministically: the same model, exactly.
     again = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path,
                                       config=QLoraConfig.from_lora(read_config(str(tmp_path))))
-    assert isinstance(next(layer for _, layer in again._adapter_layers()), QLoraLinear)
+    assert isinstance(next(layer for _, layer in again.adapter_layers()), QLoraLinear)
     torch.testing.assert_close(output_of(again, x), expected, rtol=0, atol=0)
 
 
@@ -514,7 +514,7 @@ def test_config_errors_say_what_was_wrong(kwargs, message):
 def test_a_second_adapter_shares_the_4bit_base_and_must_match_its_quantisation(tmp_path):
     model = qlora_model("llama")
     model.add_adapter("other", QLoraConfig(r=2, init_lora_weights=False))
-    layer = next(layer for _, layer in model._adapter_layers())
+    layer = next(layer for _, layer in model.adapter_layers())
     assert layer.adapter_names == ["default", "other"] and isinstance(layer.base_layer, NF4Linear)
     with pytest.raises(ConfigError, match="already holds its base weight quantised.*same bnb_4bit_blocksize"):
         model.add_adapter("third", QLoraConfig(r=2, bnb_4bit_blocksize=128))

@@ -27,15 +27,12 @@ from peftlab.core.model import read_config
 from peftlab.methods.vera import VeraConfig, VeraLinear
 
 from .conftest import BUILDERS, model_inputs, output_of
+from .peft_parity import TASK, TIGHT, WEIGHTS, assert_files_cross_both_ways, file_shapes
 
-# Same fp32 ops in the same order in both libraries: the logits agree to float rounding (measured: exactly).
-TIGHT = dict(rtol=1e-5, atol=1e-6)
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS"}
-WEIGHTS = "adapter_model.safetensors"
 
 
 # PEFT warns about save_projection=False and Conv1D's fan_in_fan_out; both expected here.
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def ours(kind="llama", **cfg):
@@ -143,30 +140,15 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_files_cross_both_ways_with_the_same_logits(variant, tmp_path):
+    """Both ways, same logits, same tensor names and shapes (tests/peft_parity.py); base_model.vera_A/B are in the
+    file only when save_projection is set."""
     kind, cfg = VARIANTS[variant]
     x = model_inputs(kind)
-    base_out = output_of(BUILDERS[kind](), x)
-
     mine = ours(kind, **cfg)
     randomise_vectors(mine)
-    expected = output_of(mine, x)
-    assert not torch.allclose(expected, base_out, atol=1e-4)
-    mine.save_pretrained(tmp_path / "ours")
-    loaded = hf.PeftModel.from_pretrained(BUILDERS[kind](), tmp_path / "ours")
-    torch.testing.assert_close(output_of(loaded, x), expected, **TIGHT)
-
-    peft_side = theirs(kind, **cfg)
-    randomise_vectors(peft_side, seed=1)
-    expected = output_of(peft_side, x)
-    peft_side.save_pretrained(tmp_path / "peft")
-    back = peftlab.PeftModel.from_pretrained(BUILDERS[kind](), tmp_path / "peft")
-    torch.testing.assert_close(output_of(back, x), expected, **TIGHT)
-
-    # Same tensor names and shapes in both files: base_model.vera_A/B only when save_projection is set.
-    shapes = {side: {k: tuple(v.shape) for k, v in load_file(str(tmp_path / side / WEIGHTS)).items()}
-              for side in ("ours", "peft")}
-    assert shapes["ours"] == shapes["peft"]
-    assert ("base_model.vera_A" in shapes["ours"]) == cfg.get("save_projection", True)
+    assert not torch.allclose(output_of(mine, x), output_of(BUILDERS[kind](), x), atol=1e-4)
+    assert_files_cross_both_ways(mine, BUILDERS[kind], x, tmp_path)
+    assert ("base_model.vera_A" in file_shapes(tmp_path / "ours")) == cfg.get("save_projection", True)
 
 
 def test_our_config_is_read_by_peft_with_the_same_values(tmp_path):

@@ -186,6 +186,71 @@ def test_train_run_base_dtype(ckpt, tmp_path):
     assert all(p.dtype == torch.float32 for p in params.values() if p.requires_grad)
 
 
+def test_text_classifier_loads_the_base_in_the_run_s_dtype(ckpt, tmp_path):
+    """TextClassifier.from_run of a classify run with model.dtype bf16: the base comes back in bf16 (the run's dtype,
+    not the fp32 default), runs under bf16 autocast beside the fp32 head and adapter, and its probabilities equal the
+    same files on an fp32 base within bf16 rounding."""
+    from peftlab.core.model import PeftModel
+    from peftlab.train import TextClassifier, train
+
+    from .conftest import run_config
+
+    tiny_tokenizer().save_pretrained(ckpt / "untied")
+    rows = [{"text": f"{w} {s}", "label": label} for s in sentences(12) for w, label in (("great", "good"),
+                                                                                          ("awful", "bad"))]
+    run = run_config(str(ckpt / "untied"), "classify", write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "run",
+                     max_steps=2, precision="bf16")
+    run.model_dtype = "bf16"
+    train(run, log=lambda *_: None)
+    clf = TextClassifier.from_run(str(tmp_path / "run"))
+    params = dict(clf.model.named_parameters())
+    assert params["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"].dtype == torch.bfloat16
+    assert clf.autocast_dtype == torch.bfloat16
+    texts = ["great fun", "awful mess", "great and awful"]
+    base = AutoModelForSequenceClassification.from_pretrained(ckpt / "untied", num_labels=2)
+    ref = TextClassifier(PeftModel.from_pretrained(base, str(tmp_path / "run" / "adapter")), clf.tokenizer,
+                         clf.labels, clf.data)
+    torch.testing.assert_close(clf.predict_proba(texts), ref.predict_proba(texts), atol=0.03, rtol=0)
+
+
+def test_lora_under_autocast_takes_x_as_is_same_numbers_less_saved():
+    """methods/lora/layer.py adapter_input: on a bf16 base under bf16 autocast, A's matmul gets x itself instead of an
+    fp32 copy that autocast casts back: output and every gradient equal the cast-up path bit for bit, and the adapters
+    reading one x (here 3, as q, k, v do) save it once for backward instead of a bf16 copy each."""
+    from peftlab.methods.lora import layer as lora_layer
+
+    torch.manual_seed(0)
+    block = torch.nn.ModuleDict({n: torch.nn.Linear(64, 64) for n in ("q", "k", "v")}).to(torch.bfloat16)
+    model = get_peft_model(torch.nn.Sequential(block), LoraConfig(r=4, target_modules=["q", "k", "v"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p)
+    x0 = torch.randn(8, 64, dtype=torch.bfloat16)
+
+    def run():
+        saved = []
+        x = x0.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = sum(model.base_model.model[0][n](x).float().sum() for n in ("q", "k", "v"))
+        model.zero_grad()
+        out.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        return out, x.grad, grads, {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+
+    new = run()
+    real = lora_layer.adapter_input
+    lora_layer.adapter_input = lambda x, dtype, dropout: x.to(dtype)  # the cast-up path it replaced
+    try:
+        old = run()
+    finally:
+        lora_layer.adapter_input = real
+    assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
+    assert all(torch.equal(a, b) for a, b in zip(new[2], old[2]))
+    # old: each adapter keeps its own bf16 copy of x (3); new: one x for all three (the frozen base keeps only W)
+    assert sum(old[3].values()) - sum(new[3].values()) == 2 * x0.numel() * 2, (old[3], new[3])
+
+
 def test_model_section_shorthand_and_checks():
     from peftlab.cli.options import DTYPE_CHOICES
     from peftlab.core.config import ConfigError
@@ -286,6 +351,41 @@ def test_loader_never_holds_an_fp32_copy(tmp_path):
     assert loaded == fp32_bytes // 2 - (fp32_bytes // 2) % 2 or abs(loaded - fp32_bytes / 2) < 1e6
     assert growth < loaded + largest + 8e6, (growth, loaded)  # 8 MB: the allocator's slack
     assert growth < 0.8 * fp32_bytes
+
+
+FREED = textwrap.dedent("""
+    import sys, torch
+    import peftlab.models.loading as loading
+    def rss():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) * 1024
+    torch.ones(6 << 20)  # a 24 MB mapped block, freed at once: glibc raises its mmap threshold to 24 MB
+    loading.load_model(sys.argv[1], dtype="fp32")
+    before, held = rss(), []
+    for i in range(16):  # a 4, 5, ..., 19 MB transient, then a 1 MB tensor kept (as activations are for backward)
+        transient = torch.ones((4 + i) << 18)  # growing: no transient fits an earlier one's hole
+        held.append(torch.ones(1 << 18))
+        del transient
+    print(rss() - before - sum(t.numel() * 4 for t in held))
+""")
+
+
+def test_after_load_freed_large_tensors_go_back_to_the_os(ckpt):
+    """load_model pins glibc's mmap threshold (loading.pin_mmap_threshold): 4-19 MB tensors freed between kept ones
+    leave no resident holes. Control: the same process with the pin switched off (PEFTLAB_MMAP_THRESHOLD=0) keeps
+    some (36 MB and more of the 184 MB freed)."""
+    from peftlab.models.loading import _libc
+
+    if _libc("mallopt") is None:
+        pytest.skip("not glibc: no mmap threshold to pin")
+    holes = {}
+    for mode in ("control", "pinned"):
+        switch = {"PEFTLAB_MMAP_THRESHOLD": "0"} if mode == "control" else {}  # 0: the pin switched off
+        out = subprocess.run([sys.executable, "-c", FREED, str(ckpt / "single"), mode], capture_output=True, text=True,
+                             check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **switch})
+        holes[mode] = int(out.stdout.split()[-1])
+    assert holes["control"] > 20e6 and holes["pinned"] < 4e6, holes  # seen: 36-60 MB vs < 0.1 MB
 
 
 def test_names_that_do_not_line_up_fall_back_to_transformers(ckpt, tmp_path, capsys):

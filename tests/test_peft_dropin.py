@@ -539,8 +539,17 @@ def test_peft_names_exist_and_peft_types_cover_every_method():
         assert name in peftlab.__all__, name
     assert {m.config_cls.peft_type for m in peftlab.registered_methods()} <= {t.value for t in peftlab.PeftType}
     shared = {t.value for t in peftlab.PeftType} & {t.value for t in hf.PeftType}
-    assert shared == {"LORA", "ADALORA", "VERA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"}
+    assert shared == {"LORA", "ADALORA", "VERA", "IA3", "PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "LOHA", "LOKR",
+                      "OFT", "LN_TUNING", "ADAPTION_PROMPT"}
     assert [t.value for t in peftlab.PromptTuningInit] == [t.value for t in hf.PromptTuningInit]
+
+
+def test_every_registered_methods_config_is_exported_from_the_top_level():
+    # `from peftlab import LoHaConfig` as PEFT users write it: a new method folder must add its config to peftlab's
+    # lazy exports (and __all__), or this names the one it forgot.
+    for method in peftlab.registered_methods():
+        name = method.config_cls.__name__
+        assert getattr(peftlab, name, None) is method.config_cls and name in peftlab.__all__, (method.name, name)
 
 
 # ---- `peftlab train`: PEFT's parameter line at the start, figures in the model card ------------------------------

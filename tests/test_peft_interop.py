@@ -17,40 +17,14 @@ import json
 import peft as hf
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import peftlab
-from .conftest import BUILDERS, TinyConv, model_inputs
-
-TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
-WEIGHTS = "adapter_model.safetensors"
-
-# Both libraries compute the same fp32 ops in the same order; only summation order inside matmuls may differ.
-TIGHT = dict(rtol=1e-5, atol=1e-6)
+from .peft_parity import TASK, TIGHT, WEIGHTS, build, file_shapes, forward
 
 
 # PEFT warns about Conv1D fan_in_fan_out and saved embeddings; those are expected here.
-pytestmark = pytest.mark.usefixtures("quiet_warnings")
-
-
-def conv_input() -> torch.Tensor:
-    return torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(3))
-
-
-def build(kind: str) -> nn.Module:
-    return TinyConv() if kind == "conv" else BUILDERS[kind]()
-
-
-def inputs_for(kind: str):
-    return {"x": conv_input()} if kind == "conv" else model_inputs(kind)
-
-
-def forward(model, kind: str) -> torch.Tensor:
-    inputs = inputs_for(kind)
-    with torch.no_grad():
-        out = model(**inputs)
-    return out if isinstance(out, torch.Tensor) else out.logits
+pytestmark = pytest.mark.usefixtures("quiet_warnings", "one_thread")
 
 
 def ours_model(kind: str, **cfg) -> peftlab.PeftModel:
@@ -76,38 +50,10 @@ def perturb_saved_copies(model: nn.Module, seed: int = 5) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.5)
 
 
-def file_shapes(folder) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in load_file(str(folder / WEIGHTS)).items()}
-
-
 # ---- logits round trip, both ways ----------------------------------------------------------------------
-
-
-def test_saved_by_peftlab_loads_in_peft_with_same_logits(arch, tmp_path):
-    """peftlab save -> peft.PeftModel.from_pretrained on a fresh base: identical logits (incl. the
-    bert classifier copy kept by SEQ_CLS, and GPT-2's fan_in_fan_out Conv1D)."""
-    ours = ours_model(arch)
-    perturb_saved_copies(ours)
-    expected = forward(ours, arch)
-    assert not torch.allclose(expected, forward(build(arch), arch), atol=1e-4), "adapter should change the output"
-    ours.save_pretrained(tmp_path)
-
-    theirs = hf.PeftModel.from_pretrained(build(arch), tmp_path)
-    torch.testing.assert_close(forward(theirs, arch), expected, **TIGHT)
-
-
-def test_saved_by_peft_loads_in_peftlab_with_same_logits(arch, tmp_path):
-    """peft save (its full config, with every PEFT-only key at its default) -> peftlab.PeftModel.from_pretrained:
-    identical logits."""
-    theirs = peft_model(arch)
-    perturb_saved_copies(theirs)
-    expected = forward(theirs, arch)
-    assert not torch.allclose(expected, forward(build(arch), arch), atol=1e-4), "adapter should change the output"
-    theirs.save_pretrained(tmp_path)
-
-    ours = peftlab.PeftModel.from_pretrained(build(arch), tmp_path)
-    torch.testing.assert_close(forward(ours, arch), expected, **TIGHT)
-
+# The plain round trip on every architecture (peftlab save -> PEFT load and PEFT save -> peftlab load, same logits,
+# same file keys; bert's classifier copy, GPT-2's fan_in_fan_out Conv1D) is the conformance suite's, on LoRA's examples
+# (peftlab/methods/lora/examples.py, tests/test_conformance.py::test_hf_peft_round_trip). Here: the config variants.
 
 # Config variants: (model kind, LoraConfig kwargs). Used for file keys and for logits in both directions.
 VARIANTS = {

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -242,11 +243,21 @@ def test_reward_adapter_on_the_causal_lm_scores_as_its_classifier(model_dir, rew
 
 # ---- training ---------------------------------------------------------------------------------------------------
 
-def test_tiny_ppo_run_raises_the_reward_and_writes_a_loadable_policy(model_dir, tmp_path):
-    out = tmp_path / "run"
-    result = train_ppo(ppo_run(model_dir, out), reward_fn=great_fraction, log=quiet)
+TINY_RUN = {"max_steps": 20, "save_every": 8, "keep_checkpoints": 1}  # 20 iterations; checkpoints 8, 16 (one kept)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(model_dir, tmp_path_factory):
+    """One tiny PPO run toward "great", shared by the tests below (the training itself and resuming from its
+    checkpoint): 20 iterations of 16 rollouts, 4 updates each, ~4 s on one idle core."""
+    out = tmp_path_factory.mktemp("ppo") / "run"
+    return out, train_ppo(ppo_run(model_dir, out, **TINY_RUN), reward_fn=great_fraction, log=quiet)
+
+
+def test_tiny_ppo_run_raises_the_reward_and_writes_a_loadable_policy(model_dir, tiny_run):
+    out, result = tiny_run
     rewards = [h["reward"] for h in result["history"]]
-    assert len(rewards) == 30
+    assert len(rewards) == 20
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
     assert result["after"]["reward"] > result["before"]["reward"] + 0.3, (result["before"], result["after"])
     lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
@@ -275,27 +286,28 @@ def test_tiny_ppo_run_raises_the_reward_and_writes_a_loadable_policy(model_dir, 
     assert head.weight.shape == (1, 32) and head.weight.abs().sum() > 0
 
 
-def test_resume_reaches_the_same_policy_as_an_uninterrupted_run(model_dir, tmp_path, monkeypatch):
-    def make(out):
-        return ppo_run(model_dir, out, max_steps=6, save_every=2, keep_checkpoints=1)
-
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_ppo(make(straight), reward_fn=great_fraction, log=quiet)
+def test_resume_reaches_the_same_policy_as_an_uninterrupted_run(model_dir, tiny_run, tmp_path, monkeypatch):
+    """The shared run's last checkpoint (step 16: what a crash after it leaves) is continued in a new folder, which
+    first crashes once more (before its next checkpoint) and is resumed again: the end is the uninterrupted run's."""
+    straight, _ = tiny_run
+    assert sorted(os.listdir(straight / "checkpoints")) == ["step-000016"]  # keep_checkpoints=1
+    assert os.listdir(straight / "checkpoints" / "step-000016" / "adapter") == ["policy"]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight / "checkpoints" / "step-000016", resumed / "checkpoints" / "step-000016")
     original = PPOTrainer._iteration
 
     def crash(self):
-        if self.state.step == 5:
+        if self.state.step == 17:
             raise KeyboardInterrupt("simulated crash")
         return original(self)
 
     monkeypatch.setattr(PPOTrainer, "_iteration", crash)
     with pytest.raises(KeyboardInterrupt):
-        train_ppo(make(resumed), reward_fn=great_fraction, log=quiet)
+        train_ppo(ppo_run(model_dir, resumed, **TINY_RUN), resume=True, reward_fn=great_fraction, log=quiet)
     monkeypatch.setattr(PPOTrainer, "_iteration", original)
-    assert sorted(os.listdir(resumed / "checkpoints")) == ["step-000004"]
-    assert os.listdir(resumed / "checkpoints" / "step-000004" / "adapter") == ["policy"]
-    result = train_ppo(make(resumed), resume=True, reward_fn=great_fraction, log=quiet)
-    assert result["steps"] == 6
+    assert sorted(os.listdir(resumed / "checkpoints")) == ["step-000016"]
+    result = train_ppo(ppo_run(model_dir, resumed, **TINY_RUN), resume=True, reward_fn=great_fraction, log=quiet)
+    assert result["steps"] == 20
     for name in ("adapter_model.safetensors", "value_head.safetensors"):
         a, b = load_file(str(straight / "adapter" / name)), load_file(str(resumed / "adapter" / name))
         assert a.keys() == b.keys()

@@ -42,7 +42,7 @@ def test_referenced_files_exist():
     assert os.access(ROOT / "scripts" / "setup.sh", os.X_OK)
     setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
     # torch must come before the package, or the resolver picks a CUDA build
-    assert setup.index("TORCH_SPEC\"") < setup.index('-e ".[dev,shipped]"')
+    assert setup.index("TORCH_SPEC\"") < setup.index('-e ".[dev,shipped,trackers]"')
 
 
 def test_layout_lists_only_folders_that_exist():
@@ -77,7 +77,7 @@ def test_setup_installs_the_pinned_versions():
     import importlib.metadata
 
     setup = (ROOT / "scripts" / "setup.sh").read_text(encoding="utf-8")
-    assert '-c constraints.txt -e ".[dev,shipped]"' in setup
+    assert '-c constraints.txt -e ".[dev,shipped,trackers]"' in setup
     pins = dict(line.split("==") for line in (ROOT / "constraints.txt").read_text(encoding="utf-8").splitlines()
                 if line.strip() and not line.startswith("#"))
     assert {"transformers", "peft", "accelerate", "datasets"} <= set(pins)

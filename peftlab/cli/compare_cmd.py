@@ -16,10 +16,12 @@ from .options import add_dtype_argument
 NAME = "compare"
 HELP = "run several methods on one task with the same data and budget; write a table and plots"
 DESCRIPTION = ("Run every method listed under `methods:` in CONFIG (shared model/task/data/train sections, same "
-               "schema as `peftlab train`), each in its own process, and write results.md, results.csv, "
-               "score_vs_params.png and loss_curves.png to train.output_dir/report/. key=value overrides change "
-               "the shared sections (e.g. data.max_train_rows=200). Methods with a stored result made with the same "
-               "settings are reused, so an interrupted compare continues; --rerun redoes them. The whole config is "
+               "schema as `peftlab train`), each in its own process, and write results.md, results.csv (scores with "
+               "95% intervals over the eval rows, beside chance, majority-class and base-model rows), "
+               "score_vs_params.png, loss_curves.png and score_vs_cost.png to train.output_dir/report/. key=value "
+               "overrides change the shared sections (e.g. data.max_train_rows=200). --seeds N (or seeds: N in the "
+               "config) runs each method with N training seeds. Results stored with the same settings are reused "
+               "per (method, seed), so an interrupted compare continues; --rerun redoes them. The whole config is "
                "checked before anything runs. Format and output: docs/compare.md.")
 
 
@@ -35,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="check the config and print what would run (and what would be reused), then exit")
     add_dtype_argument(parser, None, "default: the config's model.dtype (same as the override model.dtype=...)")
+    parser.add_argument("--seeds", type=int, metavar="N",
+                        help="run each method with N training seeds (default: the config's seeds:, else 1); the "
+                             "table shows mean and spread, each (method, seed) result is stored and reused")
     parser.add_argument("--echo", action="store_true",
                         help="also stream each worker's output (progress bar, logs) to the terminal")
 
@@ -51,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
         read_yaml_mapping(config_path, "compare config")  # answered before torch is imported
     overrides = ([f"model.dtype={args.dtype}"] if args.dtype else []) + list(overrides)
+    if args.seeds is not None:
+        overrides.append(f"seeds={args.seeds}")  # checked with the config (a whole number >= 1)
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     if args.only is not None and not only:
         raise CliError("--only needs at least one label, e.g. --only lora,dora.")
@@ -58,14 +65,17 @@ def run(args: argparse.Namespace) -> int:
     selected = config.select(only)
     if args.dry_run:
         print(f"{config.source}: {len(config.entries)} methods -> {config.output_dir}")
-        states = {entry.label: (f"reuse stored result ({result.get('status')})" if result else f"run ({why})")
-                  for entry, result, why in plan(config, selected, args.rerun)}
+        states: dict[str, list[str]] = {}
+        for item, result, why in plan(config, selected, args.rerun):
+            state = f"reuse stored result ({result.get('status')})" if result else f"run ({why})"
+            states.setdefault(item.label, []).append(state if config.seeds == 1 else f"seed {item.seed}: {state}")
         for entry in config.entries:
-            print(f"  {entry.label}: {entry_summary(entry, config.base)}  [{states.get(entry.label, 'not selected')}]")
+            state = "; ".join(states.get(entry.label, ["not selected"]))
+            print(f"  {entry.label}: {entry_summary(entry, config.base)}  [{state}]")
         return 0
     command = "peftlab compare " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["compare"] else ""
     out = run_compare(config, only=only, rerun=args.rerun, echo=args.echo, command=command.strip())
-    failed = [r["label"] for r in out["results"] if r.get("status") == "error"]
+    failed = list(dict.fromkeys(r["label"] for r in out["results"] if r.get("status") == "error"))
     if failed:
         print(f"peftlab compare: {len(failed)} method(s) failed: {', '.join(failed)} (see their logs under "
               f"{config.output_dir}/logs/); the others' results are in the table.", file=sys.stderr)

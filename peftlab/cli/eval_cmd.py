@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(args.run) and not args.adapter:
         adapter = os.path.join(args.run, "adapter")
     trainer = Trainer(run_config, log=lambda *_: None, prepare=False)  # the file holds the prepared adapter
-    trainer.peft_model._load_tensors("default", adapter_files.read_weights(adapter), adapter)
+    trainer.peft_model.load_tensors("default", adapter_files.read_weights(adapter), adapter)
     metrics = {"adapter": trainer.evaluate()}
     if args.base:
         with trainer.peft_model.disable_adapter():

@@ -32,12 +32,17 @@ def load_for_generation(model: str, adapter: str | None, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
 
     from ..core.model import PeftModel
+    from ..data.templates import add_stop_ids, apply_adapter_template
     from ..models import load_model, load_tokenizer
     from ..models.dtype import to_stderr
 
     tokenizer = load_tokenizer(model)
     base = load_model(model, auto_class=AutoModelForCausalLM, dtype=dtype, log=to_stderr)
     net = PeftModel.from_pretrained(base, adapter) if adapter else base
+    # The chat template the adapter was trained with (data.chat_template, saved as chat_template.jinja), and its
+    # end-of-turn token as one more id to stop at (e.g. <|im_end|> on a base whose eos is <|endoftext|>).
+    add_stop_ids(base, apply_adapter_template(tokenizer, adapter,
+                                              lambda note: print(f"peftlab generate: {note}", file=sys.stderr)))
     return tokenizer, net.eval()
 
 

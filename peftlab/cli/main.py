@@ -18,14 +18,14 @@ COMMANDS = [train_cmd, eval_cmd, generate_cmd, merge_cmd, export_cmd, compare_cm
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, the options of that command alone (another command's add_arguments may import
     torch, e.g. to list the formats it writes: `peftlab train --help` must not pay for it)."""
-    from .. import __version__
+    from importlib.metadata import version  # the installed package's (pyproject.toml); the package root sits above cli
 
     parser = argparse.ArgumentParser(
         prog="peftlab",
         description="Parameter-efficient fine-tuning of pretrained transformers.",
         epilog="Run `peftlab COMMAND --help` for a command's options.",
     )
-    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
+    parser.add_argument("--version", action="version", version=f"peftlab {version('peftlab')}")
     debug_help = f"show the full traceback when a command fails (or set {DEBUG_ENV}=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
-"""peftlab.models.dtype.DTYPE_CHOICES, repeated here so that parsing does not import torch (a test keeps them equal)."""
+from ..models.dtype import DTYPE_CHOICES  # torch-free: the names only
 
 
 def add_dtype_argument(parser: argparse.ArgumentParser, default: str | None, note: str) -> None:

@@ -34,18 +34,14 @@ def split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, li
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io.yaml_file import read_yaml_mapping
+    from ..train.config import describe_options, load_run_config
 
     config, overrides = split_config_and_overrides(args)
-    if config is not None and not args.help_config:
-        read_yaml_mapping(config, "run config")  # a missing file or bad YAML is answered before torch is imported
-    from ..train import format_before_after, load_run_config, train
-    from ..train.config import describe_options
-
     if args.help_config:
         print(describe_options())
         return 0
-    run_config = load_run_config(config, overrides)
+    run_config = load_run_config(config, overrides)  # torch-free: a bad file, key or value is answered at once
+    from ..train import format_before_after, train
     print(f"peftlab train: {run_config.method_name} on {run_config.model}, task {run_config.task}, "
           f"data {run_config.data.train_file if run_config.data else 'ppo.prompts'} -> {run_config.train.output_dir}")
     result = train(run_config, resume=args.resume, overwrite=args.overwrite)

@@ -11,6 +11,8 @@
       - name: full
         method: full
         train: {lr: 2.0e-5}           # per-method train options win over the shared ones
+    seeds: 1                          # optional, see SEEDS_DOC
+    generate_max_tokens: 64           # optional, see GENERATE_DOC
 
 Each entry becomes one complete run config (the shared sections with its `method:` and `train:` on top); it is
 built with the same code `peftlab train` uses, so a bad key or value gives the same error, prefixed with the entry.
@@ -19,6 +21,7 @@ built with the same code `peftlab train` uses, so a bad key or value gives the s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import os
@@ -31,7 +34,18 @@ import yaml
 from ..core.config import ConfigError
 from ..train.config import RunConfig, _apply_override, _check_keys, build_run_config
 
-TOP_KEYS = {"model", "task", "data", "train", "methods"}
+TOP_KEYS = {"model", "task", "data", "train", "methods", "seeds", "generate_max_tokens"}
+LM_TASKS = ("causal_lm", "sft")
+SEEDS_DOC = ("How many times each method runs, with train.seed, train.seed + 1, ... (the seed of the new weights' "
+             "initialisation, dropout and the training data order; the train and eval rows stay those chosen by "
+             "data.seed). The table shows the mean over seeds and their standard deviation; results.csv and each "
+             "run's result.json keep every seed's value. Default 1. `peftlab compare --seeds N` overrides it.")
+GENERATE_DOC = ("causal_lm and sft only: after training, each eval row's prompt is continued greedily by the trained "
+                "model (and by the base model, adapters off, for the table's base row) for at most this many new "
+                "tokens, and the text is scored against the row's reference by exact match and ROUGE-L (Google's "
+                "rouge-score package, the F-measure of the longest common subsequence of words). sft: the prompt is "
+                "the row's prompt part, the reference its response; causal_lm: the first half of the row's tokens "
+                "and the rest, at most this many tokens. 0 turns generation off. Default 64.")
 ENTRY_KEYS = {"name", "method", "train"}
 LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _UNSET = object()
@@ -54,15 +68,96 @@ class Entry:
     def method_name(self) -> str:
         return self.run.method_name
 
+    generate_max_tokens: int = 0
+    """The comparison's generate_max_tokens where generation applies (an LM task), else 0."""
+
     def fingerprint(self) -> str:
-        return fingerprint(self.run)
+        return fingerprint(self.run, self.generate_max_tokens)
 
 
-def fingerprint(run: RunConfig) -> str:
-    """The resolved run config (every default filled in) minus its output folder, as canonical JSON. A stored
-    result whose fingerprint differs was made with other settings and is not reused."""
+@dataclass
+class SeedRun:
+    """One (method, seed) run of a comparison: its own run config, folder, result and fingerprint."""
+
+    entry: Entry
+    index: int
+    """0 for the method's own train.seed, k for train.seed + k."""
+    run: RunConfig
+    raw: dict[str, Any]
+
+    @property
+    def label(self) -> str:
+        return self.entry.label
+
+    @property
+    def seed(self) -> int:
+        return self.run.train.seed
+
+    @property
+    def name(self) -> str:
+        """How logs name it: LABEL for the first seed, LABEL seed S for the others."""
+        return self.label if self.index == 0 else f"{self.label} seed {self.seed}"
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.run, self.entry.generate_max_tokens)
+
+    def made_with_these_settings(self, stored: str | None) -> bool:
+        return same_settings(stored, self.fingerprint(), self.run)
+
+
+def same_settings(stored: str | None, current: str, run: RunConfig) -> bool:
+    """Whether a result stored with fingerprint `stored` was made with the settings `current` describes.
+
+    Equal fingerprints, or ones that differ only by options the stored one lacks and whose value now is their
+    default: an option added to peftlab since the result was stored (with a default, which keeps the old behaviour)
+    does not make every stored result stale. An option whose value differs, or one that is gone, does."""
+    if stored == current:
+        return True
+    try:
+        old, new = json.loads(stored), json.loads(current)
+    except (TypeError, json.JSONDecodeError):
+        return False
+    defaults = _section_defaults(run)
+    for section in set(old) | set(new):
+        a, b = old.get(section), new.get(section)
+        if not (isinstance(a, dict) and isinstance(b, dict)):
+            if a != b:
+                return False
+            continue
+        for key in set(a) | set(b):
+            if key in a and key in b:
+                if a[key] != b[key]:
+                    return False
+            elif key not in b or key not in defaults.get(section, {}) or defaults[section][key] != b[key]:
+                return False
+    return True
+
+
+def _section_defaults(run: RunConfig) -> dict[str, dict[str, Any]]:
+    """{section: {option: its default as the fingerprint's JSON writes it}} for the run's dataclass sections."""
+    out: dict[str, dict[str, Any]] = {}
+    for section in ("data", "train", "method", "ppo", "preference"):
+        obj = getattr(run, section, None)
+        if obj is None or not dataclasses.is_dataclass(obj):
+            continue
+        values = {}
+        for f in dataclasses.fields(obj):
+            if f.default is not dataclasses.MISSING:
+                values[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                values[f.name] = f.default_factory()
+        out[section] = json.loads(json.dumps(values, sort_keys=True, default=str))
+    return out
+
+
+def fingerprint(run: RunConfig, generate_max_tokens: int = 0) -> str:
+    """The resolved run config (every default filled in) minus its output folder, as canonical JSON, plus the
+    generation length where generation runs. A stored result whose fingerprint differs was made with other
+    settings and is not reused."""
     resolved = run.to_dict()
     resolved["train"] = {k: v for k, v in resolved["train"].items() if k != "output_dir"}
+    if generate_max_tokens:
+        resolved["generate_max_tokens"] = generate_max_tokens
     return json.dumps(resolved, sort_keys=True, default=str)
 
 
@@ -78,6 +173,24 @@ class CompareConfig:
     """The shared sections (model, task, data, train) after overrides."""
 
     entries: list[Entry]
+
+    seeds: int = 1
+    """Training seeds per method (SEEDS_DOC)."""
+
+    generate_max_tokens: int = 0
+    """Generation length for LM tasks (GENERATE_DOC); 0 for other tasks or when turned off."""
+
+    def seed_runs(self, entries: list[Entry]) -> list[SeedRun]:
+        """Every (method, seed) run of `entries`, method by method: seeds 0..N-1 of the first, then the next."""
+        return [self.seed_run(entry, k) for entry in entries for k in range(self.seeds)]
+
+    def seed_run(self, entry: Entry, index: int) -> SeedRun:
+        if index == 0:
+            return SeedRun(entry, 0, entry.run, entry.raw)
+        raw = copy.deepcopy(entry.raw)
+        raw["train"]["seed"] = entry.run.train.seed + index
+        raw["train"]["output_dir"] = os.path.join(self.output_dir, f"seed{raw['train']['seed']}", "runs", entry.label)
+        return SeedRun(entry, index, build_run_config(raw, f"{self.source}: {entry.label}"), raw)
 
     @property
     def task(self) -> str:
@@ -129,6 +242,13 @@ def load_compare_config(path: str | os.PathLike | None, overrides: list[str] = (
     return build_compare_config(raw, source)
 
 
+def _count(raw: dict[str, Any], key: str, default: int, low: int, source: str, doc: str) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{source}: {key} must be a whole number >= {low}, not {value!r}. {key}: {doc}")
+    return value
+
+
 def build_compare_config(raw: dict[str, Any], source: str = "the compare config") -> CompareConfig:
     if "method" in raw:
         raise ConfigError(f"{source}: a compare config lists its methods under `methods:` (a list), not `method:`; "
@@ -138,7 +258,10 @@ def build_compare_config(raw: dict[str, Any], source: str = "the compare config"
     if not isinstance(methods, list) or not methods:
         raise ConfigError(f"{source}: `methods:` must be a non-empty list of method names or "
                           f"{{name: LABEL, method: {{name: METHOD, ...}}, train: {{...}}}} entries; got {methods!r}.")
-    base = {k: copy.deepcopy(v) for k, v in raw.items() if k != "methods"}
+    seeds = _count(raw, "seeds", 1, 1, source, SEEDS_DOC)
+    generate = _count(raw, "generate_max_tokens", 64, 0, source, GENERATE_DOC)
+    base = {k: copy.deepcopy(v) for k, v in raw.items() if k not in ("methods", "seeds", "generate_max_tokens")}
+    generate = generate if base.get("task", "classify") in LM_TASKS else 0
     # The shared sections alone first (with LoRA's defaults standing in for the method, which is always registered):
     # a mistake there would otherwise be reported once per method.
     build_run_config({**copy.deepcopy(base), "method": "lora"}, source)
@@ -152,6 +275,7 @@ def build_compare_config(raw: dict[str, Any], source: str = "the compare config"
         where = f"{source}: methods[{i}]"
         try:
             entry = _entry(item, base, output_dir, where)
+            entry.generate_max_tokens = generate
         except ConfigError as err:
             problems.append(str(err))
             continue
@@ -164,7 +288,8 @@ def build_compare_config(raw: dict[str, Any], source: str = "the compare config"
     if problems:
         head = f"{len(problems)} problems in {source}, nothing was run: " if len(problems) > 1 else ""
         raise ConfigError(head + " | ".join(problems))
-    return CompareConfig(source=source, output_dir=output_dir, base=base, entries=entries)
+    return CompareConfig(source=source, output_dir=output_dir, base=base, entries=entries, seeds=seeds,
+                         generate_max_tokens=generate)
 
 
 def _entry(item: Any, base: dict[str, Any], output_dir: str, where: str) -> Entry:

@@ -57,7 +57,8 @@ def write_json(path: str, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def run(config_path: str, result_path: str, label: str, started: float) -> int:
+def run(config_path: str, result_path: str, label: str, started: float, generate_max_tokens: int = 0,
+        generate_base: bool = False) -> int:
     result: dict = {"label": label, "config_file": config_path,
                     "python": platform.python_version(), "host_cpus": os.cpu_count(),
                     "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
@@ -68,7 +69,8 @@ def run(config_path: str, result_path: str, label: str, started: float) -> int:
         from .config import fingerprint
 
         run_config = load_run_config(config_path)
-        result.update(method=run_config.method_name, task=run_config.task, fingerprint=fingerprint(run_config),
+        result.update(method=run_config.method_name, task=run_config.task,
+                      fingerprint=fingerprint(run_config, generate_max_tokens),
                       device="cuda" if torch.cuda.is_available() else "cpu", torch=torch.__version__)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -78,7 +80,17 @@ def run(config_path: str, result_path: str, label: str, started: float) -> int:
             train_seconds=out.get("train_seconds"), tokens_per_s=out.get("tokens_per_s"),
             trainable_params=out.get("trainable_params"), all_params=out.get("all_params"),
             adapter_dir=out.get("adapter_dir"), adapter_bytes=folder_bytes(out.get("adapter_dir")),
-            stopped_early=out.get("stopped_early"))
+            stopped_early=out.get("stopped_early"),
+            # Row counts and (classify) label counts of the train and eval splits: the report's intervals need the
+            # number of eval rows, its majority-class line the eval labels.
+            data={k: v for k, v in (out.get("data") or {}).items() if k in ("counts", "labels", "label_counts")})
+        if generate_max_tokens and out.get("adapter_dir") and _saves_weights(run_config):
+            from ..train.generation_metrics import score_saved_run
+
+            t0 = time.perf_counter()
+            result["generation"] = score_saved_run(run_config, out["adapter_dir"], generate_max_tokens,
+                                                   base=generate_base)
+            result["generation"]["seconds"] = time.perf_counter() - t0
         code = 0
     except Exception as err:  # noqa: BLE001 - every failure becomes a row in the table; the traceback goes to the log
         traceback.print_exc()
@@ -97,15 +109,27 @@ def run(config_path: str, result_path: str, label: str, started: float) -> int:
     return code
 
 
+def _saves_weights(run_config) -> bool:
+    """A weight adapter (loadable for generation); methods with their own `run` (icl, features) save none."""
+    from ..core.method import method_for_config
+
+    return method_for_config(run_config.method).run is None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m peftlab.compare.worker", description=__doc__.splitlines()[0])
     parser.add_argument("config", help="the method's complete run config (YAML)")
     parser.add_argument("result", help="where to write the result JSON")
     parser.add_argument("--label", default=None, help="the method's label in the comparison")
     parser.add_argument("--started", type=float, default=None, help="the parent's time.time() at spawn")
+    parser.add_argument("--generate-max-tokens", type=int, default=0,
+                        help="causal_lm/sft: score greedy continuations of the eval prompts (compare/config.py)")
+    parser.add_argument("--generate-base", action="store_true",
+                        help="with --generate-max-tokens: also score the base model (adapters off), for the table's "
+                             "base row (the runner asks until one method of the comparison has it)")
     args = parser.parse_args(argv)
     return run(args.config, args.result, args.label or os.path.basename(os.path.dirname(args.result)),
-               args.started or time.time())
+               args.started or time.time(), args.generate_max_tokens, args.generate_base)
 
 
 if __name__ == "__main__":

@@ -24,9 +24,10 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..io import adapter_files
+from ..io.adapter_files import CONFIG_NAME
 from ..io.atomic import atomic_write_text
-
-CONFIG_NAME = "adapter_config.json"
+from ..io.errors import ConfigError
 
 
 class TaskType(str, enum.Enum):
@@ -51,6 +52,11 @@ class PeftType(str, enum.Enum):
     PROMPT_TUNING = "PROMPT_TUNING"
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    OFT = "OFT"
+    LN_TUNING = "LN_TUNING"
+    ADAPTION_PROMPT = "ADAPTION_PROMPT"
     BOTTLENECK = "BOTTLENECK"
     FULL = "FULL"
     LAST_LAYERS = "LAST_LAYERS"
@@ -58,6 +64,7 @@ class PeftType(str, enum.Enum):
     BITFIT = "BITFIT"
     FEATURES = "FEATURES"
     ICL = "ICL"
+    SELECTIVE = "SELECTIVE"
 
 
 class PromptTuningInit(str, enum.Enum):
@@ -66,10 +73,6 @@ class PromptTuningInit(str, enum.Enum):
     TEXT = "TEXT"
     SAMPLE_VOCAB = "SAMPLE_VOCAB"
     RANDOM = "RANDOM"
-
-
-class ConfigError(ValueError):
-    """A config value is wrong. The message says which field, what was seen and what to do."""
 
 
 @dataclass
@@ -211,7 +214,6 @@ class AdapterConfig:
         """PEFT's `PeftConfig.from_pretrained` / `LoraConfig.from_pretrained`: the config in an adapter folder (or
         hub repo), of the class its peft_type names whichever class this is called on (as PEFT does); `kwargs` set
         fields."""
-        from ..io import adapter_files  # io reads core.config's CONFIG_NAME: imported here, not at module level
         from .method import method_for_peft_type
 
         folder = adapter_files.resolve_adapter_dir(pretrained_model_name_or_path, subfolder, revision)

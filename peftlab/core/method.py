@@ -35,11 +35,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from torch import nn
-
 from .config import AdapterConfig, ConfigError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch stays out of this module: config validation looks methods up before torch is imported
+    from torch import nn
+
     from .layer import AdapterLayer
     from .model import PeftModel
 
@@ -190,11 +190,13 @@ class Method:
     "the base with adapters disabled" (dpo) refuse the method, since their reference would move."""
 
     run: Callable[..., dict[str, Any]] | None = None
-    """(run_config, log) -> result: a method that is not trained by the gradient loop (frozen features + logistic
-    regression, in-context learning) does the whole `peftlab train` run itself: loads what it needs, fits/evaluates,
-    writes its files into `run_config.train.output_dir` (`adapter/`, `metrics.jsonl`) and returns the dict the
-    training loop returns (`before`, `after`, `steps`, `train_seconds`, `tokens_per_s`, `adapter_dir`, `data`,
-    `method_notes`, `trainable_params`, `all_params`). None: the method trains through the loop."""
+    """(run) -> result: a method that is not trained by the gradient loop (frozen features + logistic regression,
+    in-context learning) does the whole `peftlab train` run itself. `run` (peftlab.train.method_run.MethodRun) is what
+    the training layer hands down: the run config (`run.run`), `log`, the checked rows (`classify_splits(name)`), the
+    base and autocast dtypes, and `write_outputs(...)`, which writes the run folder (`adapter/` with the method's
+    files and the model card, `metrics.jsonl`, `run_config.yaml`). The hook returns the dict the training loop
+    returns (`before`, `after`, `steps`, `train_seconds`, `tokens_per_s`, `adapter_dir`, `data`, `method_notes`,
+    `trainable_params`, `all_params`). None: the method trains through the loop."""
 
     # ---- input-side methods (prompt tuning, prefix tuning, P-tuning): a model-level module and a forward hook ----
 
@@ -259,24 +261,55 @@ def register(method: Method) -> Method:
     return method
 
 
-def _load_builtin_methods() -> None:
-    from .. import methods  # noqa: F401  (importing the package registers every built-in method)
+# Callables that register methods when the registry is first read. core never imports the methods package (it sits
+# above core); peftlab/__init__.py, which every `import peftlab...` runs first, adds the one that loads the built-in
+# methods (peftlab.methods.load_builtin_methods).
+_LOADERS: list[Callable[[], None]] = []
+
+
+def add_method_loader(loader: Callable[[], None]) -> None:
+    """Have `loader()` called (once) before the registry is next read, e.g. to import a package of methods."""
+    if loader not in _LOADERS:
+        _LOADERS.append(loader)
+
+
+def _run_method_loaders() -> None:
+    while _LOADERS:
+        loader = _LOADERS.pop(0)  # taken off first: a method that reads the registry while it loads must not recurse
+        try:
+            loader()
+        except BaseException:
+            _LOADERS.insert(0, loader)  # the next lookup tries again (and shows the same error)
+            raise
 
 
 def registered_methods() -> list[Method]:
-    _load_builtin_methods()
+    _run_method_loaders()
     return list(_REGISTRY.values())
 
 
+def registered_names(load: bool = True) -> list[str]:
+    """The names of the registered methods; `load=False`: those registered so far, without loading the built-in
+    methods (nor torch)."""
+    if load:
+        _run_method_loaders()
+    return list(_REGISTRY)
+
+
 def get_method(name: str) -> Method:
-    _load_builtin_methods()
+    _run_method_loaders()
     if name in _REGISTRY:
         return _REGISTRY[name]
+    raise KeyError(no_method_message(name, list(_REGISTRY)))
+
+
+def no_method_message(name: str, known: list[str]) -> str:
+    """The error for a method name that is not one of `known`, with the nearest names."""
     import difflib
 
-    near = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.4)
+    near = difflib.get_close_matches(str(name), known, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
-    raise KeyError(f"No method named {name!r}.{hint} Registered: {', '.join(sorted(_REGISTRY))}.")
+    return f"No method named {name!r}.{hint} Registered: {', '.join(sorted(known))}."
 
 
 def method_for_config(config: AdapterConfig) -> Method:

@@ -7,7 +7,8 @@ Layout (as HF PEFT's, so parameter names and state dicts match PEFT's):
 Parameter names therefore read `base_model.model.<module path>.lora_A.default.weight`. A model whose first adapter
 acts on the inputs only (prompt learning) keeps the user's model itself as `.base_model`, as PEFT does
 (`base_model.<module path>`). Task classes (`PeftModelForCausalLM`, ...) are PEFT's; `get_peft_model` returns them.
-Files: core/save_load.py (a base of PeftModel); the tuner model: core/tuner.py.
+Its halves, bases of PeftModel: core/trainable.py (what trains, the training hooks), core/merge.py (merge, unload,
+combine), core/save_load.py (files). The tuner model: core/tuner.py.
 
 Nothing here names a method: everything method-specific comes from the `Method` registered for the
 config's class (see core/method.py).
@@ -25,14 +26,15 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ..io import adapter_files
 from ..io.names import check_adapter_name
 from .config import AdapterConfig, ConfigError, TaskType
 from .layer import AdapterLayer
+from .merge import MergeMixin
 from .method import Method, method_for_config, registered_methods
 from .modules_to_save import ModulesToSaveWrapper
 from .save_load import SaveLoadMixin, read_config  # noqa: F401  (read_config: re-exported, as before the split)
 from .targets import ALL_LINEAR, matches, resolve_target_spec, select_targets
+from .trainable import TrainableMixin, trainable_parameters_line  # noqa: F401  (re-exported: train/ reads it here)
 from .tuner import SharedTensors, TunerModel
 
 # Heads a task adds to modules_to_save (if the model has them), as PEFT does.
@@ -79,7 +81,7 @@ class _BoundForward:
         return inspect.signature(self.model.get_base_model().forward)
 
 
-class PeftModel(SaveLoadMixin, nn.Module):
+class PeftModel(TrainableMixin, MergeMixin, SaveLoadMixin, nn.Module):
     """A base model plus named adapters. Create with `get_peft_model` or `PeftModel.from_pretrained`."""
 
     # transformers' flag for "trainable adapters are attached": its Trainer refuses a quantised model without it
@@ -164,7 +166,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield name, module
 
-    def _adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        """(path inside the user's model, layer) for every injected AdapterLayer, whatever adapters it holds (filter
+        on `layer.adapter_names`); modules_to_save copies are not included. Methods walk their layers with it (LoRA's
+        combine, AdaLoRA's budget, Delta-LoRA's base update, LoRA-drop's selection)."""
         return ((n, m) for n, m in self._wrappers() if isinstance(m, AdapterLayer))
 
     def _check_known(self, adapter_name: str) -> None:
@@ -272,7 +277,7 @@ class PeftModel(SaveLoadMixin, nn.Module):
 
     def _add_shared(self, adapter_name: str, config: AdapterConfig, method: Method) -> None:
         """Create the method's model-level tensors for this adapter and hand its layers a reference to them."""
-        layers = [(n, m) for n, m in self._adapter_layers() if adapter_name in m.adapter_names]
+        layers = [(n, m) for n, m in self.adapter_layers() if adapter_name in m.adapter_names]
         tensors = method.shared_tensors(self, adapter_name, config, layers)
         persistent = bool(method.saves_shared(config))
         tuner = self._tuner()
@@ -310,9 +315,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
         found = method.base_tensors(self.get_base_model(), self.peft_config[adapter_name])
         return {path: p for path, p in found.items() if id(p) not in wrapped}
 
-    def _trains_base_in_place(self, adapter_names: list[str]) -> list[str]:
-        """The adapters among these that change base weights in place (biases, full or BitFit training, Delta-LoRA's
-        base update)."""
+    def trains_base_in_place(self, adapter_names: list[str]) -> list[str]:
+        """The adapters among `adapter_names` that change base weights in place (bias != "none", full or BitFit
+        training, Delta-LoRA's base update): disabling or unloading them cannot give the original base back, so a task
+        whose reference model is the base with adapters disabled (dpo) refuses them."""
         return [a for a in adapter_names if getattr(self.peft_config[a], "bias", "none") != "none"
                 or self.method_of(a).base_tensors is not None or self.method_of(a).updates_base]
 
@@ -441,10 +447,10 @@ class PeftModel(SaveLoadMixin, nn.Module):
     def _set_adapters_disabled(self, disabled: bool) -> None:
         """Switch every adapter off (the bare base model computes) or back on; `disable_adapter()` and the tuner
         model's disable_adapter_layers / enable_adapter_layers (PEFT's) both come here."""
-        if disabled and any(layer.merged for _, layer in self._adapter_layers()):
+        if disabled and any(layer.merged for _, layer in self.adapter_layers()):
             warnings.warn("Adapters were merged; unmerging them so that the base model can run without them.")
             self.unmerge_adapter()
-        in_place = self._trains_base_in_place(self._active) if disabled else []
+        in_place = self.trains_base_in_place(self._active) if disabled else []
         if in_place:
             warnings.warn(f"Adapters {in_place} train base-model weights or biases in place (bias != 'none', or a "
                           "method such as full or bitfit); disabling adapters does not undo that, so outputs differ "
@@ -452,167 +458,6 @@ class PeftModel(SaveLoadMixin, nn.Module):
         for _, w in self._wrappers():
             w.disabled = disabled
         self._input_hooks_disabled = disabled
-
-    # ---- trainable parameters -------------------------------------------------------------------------
-
-    def adapter_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        """Every tensor adapter `adapter_name` owns, under its file key (PEFT layout, name stripped)."""
-        self._check_known(adapter_name)
-        prefix = adapter_files.KEY_PREFIX
-        out: dict[str, torch.Tensor] = {}
-        for path, wrapper in self._wrappers():
-            if adapter_name in wrapper.adapter_names:
-                for suffix, tensor in wrapper.adapter_tensors(adapter_name).items():
-                    out[f"{prefix}{path}.{suffix}"] = tensor
-        for name, param in self._trained_biases(adapter_name):
-            out[f"{prefix}{name}"] = param
-        for name, param in self._base_tensors_of(adapter_name).items():
-            out[f"{prefix}{name}"] = param
-        shared = self._shared_of(adapter_name)
-        if shared and self.method_of(adapter_name).saves_shared(self.peft_config[adapter_name]):
-            # The store is `base_model.<name>`, its entry `base_model.<name>.<adapter>`: drop the adapter name.
-            out.update({f"base_model.{name}": t for name, t in shared.items()})
-        for store in self.model_module_names:  # Method.model_modules: `prompt_encoder.embedding.weight`, ...
-            if adapter_name in self._modules[store]:
-                module = self._modules[store][adapter_name]
-                out.update({f"{store}.{k}": t for k, t in module.state_dict(keep_vars=True).items()})
-        return out
-
-    def trainable_tensors(self, adapter_name: str) -> dict[str, nn.Parameter]:
-        """The part of `adapter_tensors` that trains (same keys): every parameter in it except those a layer keeps
-        frozen (`AdapterLayer.trainable_tensors`, e.g. LoRA-FA's A). Shared tensors are buffers and never train."""
-        frozen: set[int] = set()
-        for _, layer in self._adapter_layers():
-            if adapter_name in layer.adapter_names:
-                keep = {id(t) for t in layer.trainable_tensors(adapter_name).values()}
-                frozen.update(id(t) for t in layer.adapter_tensors(adapter_name).values() if id(t) not in keep)
-        return {k: t for k, t in self.adapter_tensors(adapter_name).items()
-                if isinstance(t, nn.Parameter) and id(t) not in frozen}
-
-    def _trained_biases(self, adapter_name: str) -> list[tuple[str, nn.Parameter]]:
-        """Biases that `bias="all"` / `"lora_only"` train and save with the adapter."""
-        mode = getattr(self.peft_config[adapter_name], "bias", "none")
-        if mode == "none":
-            return []
-        model = self.get_base_model()
-        if mode == "all":
-            # PEFT's rule, so files match key for key: every ".bias" entry of the state dict except other adapters',
-            # with this adapter's name taken out. A modules_to_save copy's bias is thus saved twice ("head.bias" and
-            # "head.modules_to_save.bias"); PEFT writes and reads both.
-            others = [a for a in self.peft_config if a != adapter_name]
-            out = []
-            for n, t in model.state_dict(keep_vars=True).items():
-                if not (n == "bias" or n.endswith(".bias")) or any(f".{a}." in n for a in others):
-                    continue
-                head, _, leaf = n.rpartition(".")  # the adapter name, if any, is the segment before the leaf
-                out.append((f"{head.removesuffix(f'.{adapter_name}')}.{leaf}" if head else n, t))
-            return out
-        return [(f"{path}.base_layer.bias", layer.base_layer.bias) for path, layer in self._adapter_layers()
-                if adapter_name in layer.adapter_names and getattr(layer.base_layer, "bias", None) is not None]
-
-    def _refresh_trainable(self) -> None:
-        """Freeze everything, then unfreeze what the active, trainable adapters train (`trainable_tensors`)."""
-        for p in self.parameters():  # the base model and any model-level modules (Method.model_modules)
-            p.requires_grad_(False)
-        for name in self._active:
-            if self.peft_config[name].inference_mode:
-                continue
-            for t in self.trainable_tensors(name).values():
-                if t.dtype in (torch.bfloat16, torch.float16):
-                    # fp32 master weights whatever dtype the base was loaded in (peftlab.models.dtype): a 16-bit
-                    # tensor would round most AdamW updates away. In place, so tied and shared tensors stay shared.
-                    t.data = t.data.to(torch.float32)
-                t.requires_grad_(True)
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        return trainable, sum(_weights_in(p) for p in self.parameters())
-
-    def print_trainable_parameters(self) -> None:
-        print(trainable_parameters_line(*self.get_nb_trainable_parameters()))
-
-    # ---- training-time hooks (declared by methods, called by the training loop) ----------------------
-
-    def optimizer_param_groups(self, lr: float) -> list[dict]:
-        """Param groups for the trainable parameters: each active adapter's method may split its own."""
-        named = dict(self.named_parameters())
-        by_id = {id(p): n for n, p in named.items()}
-        groups: list[dict] = []
-        claimed: set[int] = set()
-        for adapter in self._active:
-            # Keyed by id: a tensor several layers share (LoRA-drop's shared pair) is listed under each layer's key
-            # but must reach the optimizer once, or it would be stepped once per layer.
-            params = list({id(t): (by_id[id(t)], t) for t in self.adapter_tensors(adapter).values()
-                           if isinstance(t, nn.Parameter) and t.requires_grad and id(t) not in claimed}.values())
-            if not params:
-                continue
-            claimed.update(id(p) for _, p in params)
-            groups.extend(self.method_of(adapter).param_groups(self, adapter, params, lr)
-                          or [{"params": [p for _, p in params], "lr": lr}])
-        rest = [p for p in named.values() if p.requires_grad and id(p) not in claimed]
-        if rest:
-            groups.append({"params": rest, "lr": lr})
-        return groups
-
-    def on_step(self, step: int) -> None:
-        """Call after every optimizer step: runs each active method's per-step hook."""
-        for adapter in self._active:
-            self.method_of(adapter).on_step(self, adapter, step)
-
-    def extra_loss(self) -> torch.Tensor | None:
-        """Sum of the active methods' regularisers, or None when no method has one."""
-        terms = [t for a in self._active if (t := self.method_of(a).extra_loss(self, a)) is not None]
-        return sum(terms) if terms else None
-
-    def prepare(self, run) -> list[str]:
-        """Call before the main training, before its optimizer is built: runs each active method's `prepare` hook (a
-        phase of its own, e.g. LoRA-drop's layer selection; `run` is peftlab.train.prepare.PrepareRun). Returns the
-        Markdown notes the hooks returned, for the model card."""
-        notes = []
-        for adapter in list(self._active):
-            note = self.method_of(adapter).prepare(self, adapter, run)
-            if note:
-                notes.append(note)
-        return notes
-
-    # ---- merging ------------------------------------------------------------------------------------
-
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
-                      allow_non_finite: bool = False) -> None:
-        """Add the adapters' updates into the base weights (forward then skips the adapter branch)."""
-        names = self._active if adapter_names is None else adapter_names
-        for n in names:
-            self._check_known(n)
-            if not allow_non_finite:  # a diverged adapter would turn the merged model's weights into NaN for good
-                adapter_files.check_finite(self.adapter_tensors(n), f"adapter {n!r}")
-        for n in names:
-            method = self.method_of(n)
-            if not method.merges:
-                raise ValueError(
-                    f"Adapter {n!r} ({method.name}: {method.summary}) cannot be merged into the base weights: its "
-                    "effect is not a weight update. Keep it as an adapter (save_pretrained / from_pretrained); "
-                    "nothing was changed.")
-        for _, layer in self._adapter_layers():
-            layer.merge(names, safe_merge=safe_merge)
-
-    def unmerge_adapter(self) -> None:
-        for _, layer in self._adapter_layers():
-            layer.unmerge()
-
-    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
-                         adapter_names: list[str] | None = None, allow_non_finite: bool = False) -> nn.Module:
-        """Merge the active (or named) adapters into the base weights and return the plain base model."""
-        self.merge_adapter(adapter_names, safe_merge=safe_merge, allow_non_finite=allow_non_finite)
-        return self._unwrap(keep_copies=True)
-
-    def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the plain base model."""
-        in_place = self._trains_base_in_place(list(self.peft_config))
-        if in_place:
-            warnings.warn(f"Adapters {in_place} trained base-model weights in place (full, bitfit, or bias != "
-                          "'none'); unload() removes the adapters but cannot restore the original weights.")
-        self.unmerge_adapter()
-        return self._unwrap(keep_copies=False)
 
     def _unwrap(self, keep_copies: bool) -> nn.Module:
         model = self.get_base_model()
@@ -627,20 +472,6 @@ class PeftModel(SaveLoadMixin, nn.Module):
         model.__dict__.pop(WRAPPED_MARK, None)
         return model
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", **options) -> None:
-        """A new adapter combining existing ones (see the method's `combine` for the formulas)."""
-        if len(adapters) != len(weights) or not adapters:
-            raise ValueError(f"Give one weight per adapter: got {len(adapters)} adapters and {len(weights)} weights.")
-        methods = {self.method_of(a).name for a in adapters}
-        if len(methods) > 1:
-            raise ValueError(f"Adapters {adapters} use different methods ({sorted(methods)}); combine one method at a time.")
-        method = self.method_of(adapters[0])
-        if method.combine is None:
-            raise NotImplementedError(f"{method.name} adapters cannot be combined with add_weighted_adapter.")
-        if adapter_name in self.peft_config:
-            raise ValueError(f"An adapter named {adapter_name!r} already exists; pick another name.")
-        method.combine(self, adapters, weights, adapter_name, combination_type, **options)
 
 def _bind_to_names(fn, args: tuple, kwargs: dict) -> dict:
     """`fn(*args, **kwargs)`'s arguments as one {name: value} dict (positional ones named by `fn`'s signature), for the
@@ -678,21 +509,6 @@ def _check_not_wrapped(model: nn.Module) -> None:
             "replace the first one's adapter in the same layers. Add another adapter to the existing PeftModel "
             "with peft_model.add_adapter(name, config) (or load_adapter(folder, name)), call unload() / "
             "merge_and_unload() on it first, or wrap a separate copy (copy.deepcopy(base)).")
-
-
-def _weights_in(param: torch.Tensor) -> int:
-    """How many weights a parameter holds: bitsandbytes' 4-bit parameters pack 2 x (storage bytes) per element, counted
-    as PEFT counts them (by class name: bitsandbytes is not imported for this)."""
-    if type(param).__name__ != "Params4bit":
-        return param.numel()
-    storage = getattr(param, "quant_storage", None)
-    return param.numel() * 2 * (param.element_size() if hasattr(param, "element_size") else
-                                storage.itemsize if storage is not None else 1)
-
-
-def trainable_parameters_line(trainable: int, total: int) -> str:
-    """PEFT's print_trainable_parameters text."""
-    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 
 
 def _inputs_require_grad(model: nn.Module) -> None:

@@ -100,11 +100,14 @@ class SaveLoadMixin:
                 out[f"{adapter_files.KEY_PREFIX}{path}.{key}"] = (tensor, wrapped)
         return out
 
-    def _load_tensors(self, adapter_name: str, found: dict[str, torch.Tensor], source: str) -> None:
-        """Copy a file's tensors into adapter `adapter_name`; embedding-layer weights saved with it (PEFT's
-        save_embedding_layers) go into the base embedding layers, as PEFT loads them. Everything is checked
-        before anything is copied. The method's `load_targets` may add tensors its files carry beyond the adapter's
-        own, and its `after_load` runs once everything is in place."""
+    def load_tensors(self, adapter_name: str, found: dict[str, torch.Tensor], source: str) -> None:
+        """Copy a file's tensors ({file key: tensor}, e.g. `io.adapter_files.read_weights(folder)`) into the existing
+        adapter `adapter_name`; `source` names the file in errors. Used by from_pretrained / load_adapter and by
+        callers that read files themselves (checkpoint resume, `peftlab eval`). Embedding-layer weights saved with it
+        (PEFT's save_embedding_layers) go into the base embedding layers, as PEFT loads them. Everything is checked
+        before anything is copied (AdapterFileError names every missing, unexpected or misshapen tensor). The
+        method's `load_targets` may add tensors its files carry beyond the adapter's own, and its `after_load` runs
+        once everything is in place."""
         method = self.method_of(adapter_name)
         found = method.from_file(self, adapter_name, found)  # the method's file layout -> adapter_tensors keys
         expected = self.adapter_tensors(adapter_name)
@@ -133,7 +136,7 @@ class SaveLoadMixin:
         weights = adapter_files.read_weights(folder, allow_non_finite)  # read before touching the model: fail early
         peft_model = cls._class_for_task(config.task_type)(model, config, adapter_name)
         try:
-            peft_model._load_tensors(adapter_name, weights, folder)
+            peft_model.load_tensors(adapter_name, weights, folder)
         except Exception:
             peft_model.unload()  # hand the caller's model back as it was, without wrappers injected into it
             raise
@@ -157,13 +160,13 @@ class SaveLoadMixin:
                 raise adapter_files.AdapterFileError(
                     f"{folder} holds a {type(config).__name__} adapter but {adapter_name!r} here is a "
                     f"{type(self.peft_config[adapter_name]).__name__}; load it under another adapter_name.")
-            self._load_tensors(adapter_name, weights, folder)  # checks every tensor before copying any
+            self.load_tensors(adapter_name, weights, folder)  # checks every tensor before copying any
             if not is_trainable:
                 self.eval()
             return
         self.add_adapter(adapter_name, config)
         try:
-            self._load_tensors(adapter_name, weights, folder)
+            self.load_tensors(adapter_name, weights, folder)
         except Exception:
             self.delete_adapter(adapter_name)  # leave the model as it was
             raise

@@ -9,11 +9,24 @@ pairs.py describes preference pairs (reward, dpo) and collates them, shipped.py 
 packages (movie reviews, chatterbot corpus) into files we read.
 """
 
-from .collate import PACKED_ATTENTION_OK, Collator, check_packed_attention, packed_attention_mask
-from .config import PAIR_TASKS, TASKS, DataConfig, DataError
-from .encode import encode_rows, pack
-from .load import Splits, load_splits
-from .pairs import chosen_rejected, collate_pairs, example_length
+import importlib
+
+# Imported on first use (PEP 562): a run config reads data.config (DataConfig, TASKS) before torch is imported, and
+# importing this package must not pull in collate.py (torch) for it.
+_EXPORTS = {
+    **{n: ".collate" for n in ("PACKED_ATTENTION_OK", "Collator", "check_packed_attention", "packed_attention_mask")},
+    **{n: ".config" for n in ("PAIR_TASKS", "TASKS", "DataConfig", "DataError")},
+    **{n: ".encode" for n in ("encode_rows", "pack")},
+    **{n: ".load" for n in ("Splits", "load_splits")},
+    **{n: ".pairs" for n in ("chosen_rejected", "collate_pairs", "example_length")},
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
 
 __all__ = ["Collator", "DataConfig", "DataError", "PACKED_ATTENTION_OK", "PAIR_TASKS", "Splits", "TASKS",
            "check_packed_attention", "chosen_rejected", "collate_pairs", "encode_rows", "example_length", "load_splits",

@@ -21,10 +21,13 @@ PAIR_TASKS = ("reward", "dpo")
 """Tasks whose rows are preference pairs: {prompt, chosen, rejected} (+ margin for reward)."""
 
 # Our names for the columns a row may have; `DataConfig.columns` maps these to the file's names.
-COLUMN_NAMES = ("text", "label", "messages", "prompt", "response", "instruction", "input", "output",
+COLUMN_NAMES = ("text", "label", "messages", "conversations", "prompt", "response", "instruction", "input", "output",
                 "chosen", "rejected", "margin")
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
+
+ROLES = ("system", "user", "assistant", "tool")
+"""Our chat roles (OpenAI's). A tool turn (a function's result) is context, never trained."""
 
 
 class DataError(ValueError):
@@ -36,12 +39,14 @@ class DataConfig:
     """Where the rows come from and how they become token sequences."""
 
     train_file: str | list[str]
-    """Training data: a .jsonl/.json/.csv/.parquet/.txt file, or a list of them (glob patterns allowed).
-    A .txt file holds documents separated by blank lines ({"text": ...} each); with no blank line in it,
-    each non-empty line is a document."""
+    """Training data: a .jsonl/.json/.csv/.parquet/.txt file, a folder written by datasets' save_to_disk (a
+    Dataset, or a DatasetDict: see split), a hub dataset id (org/name; see config, split, revision), or a list of
+    these (glob patterns allowed). A .txt file holds documents separated by blank lines ({"text": ...} each);
+    with no blank line in it, each non-empty line is a document."""
 
     eval_file: str | list[str] | None = None
-    """Evaluation data, same formats. None: eval rows are carved out of the training rows (eval_fraction)."""
+    """Evaluation data, same formats. None: eval rows come from eval_split of train_file when eval_split is set,
+    else they are carved out of the training rows (eval_fraction)."""
 
     eval_fraction: float = 0.1
     """With no eval_file: the fraction of training rows held out for evaluation, chosen by `seed`
@@ -58,7 +63,8 @@ class DataConfig:
 
     columns: dict[str, str] = field(default_factory=dict)
     """Our column names -> the file's, e.g. {text: review, label: sentiment}. Ours: text, label, messages,
-    prompt, response, instruction, input, output; for preference pairs prompt, chosen, rejected, margin."""
+    conversations (ShareGPT), prompt, response, instruction, input, output; for preference pairs prompt, chosen,
+    rejected, margin."""
 
     skip_bad_rows: bool = False
     """False: the first bad row (missing column, wrong type, empty text, unknown label, nothing left to train)
@@ -81,6 +87,29 @@ class DataConfig:
     """sft, plain prompt format (Python str.format): use {prompt} for prompt/response rows, {instruction} and
     {input} for instruction/output rows. None: an Alpaca-style prompt for instruction rows; for prompt rows
     the tokenizer's chat template when it has one, else "{prompt}\\n"."""
+
+    split: str | None = None
+    """The split of train_file to read when it is a DatasetDict folder or a hub dataset. None: "train"."""
+
+    eval_split: str | None = None
+    """The split read as eval rows: of eval_file when it is a DatasetDict folder or a hub dataset (None: "train"),
+    or, with no eval_file, of train_file's DatasetDict / hub dataset (e.g. test) instead of carving eval rows out."""
+
+    config: str | None = None
+    """Hub datasets: the configuration (subset) name, e.g. `en` (load_dataset's second argument)."""
+
+    revision: str | None = None
+    """Hub datasets: a branch, tag or commit to read (default: the main branch)."""
+
+    roles: dict[str, str] = field(default_factory=dict)
+    """Chat rows: role names of your data -> ours (system, user, assistant, tool), e.g. {narrator: system}.
+    ShareGPT names are known already: human -> user; gpt, model, chatgpt, bing, bard, function_call ->
+    assistant; tool, function, observation -> tool. Applies to `messages` roles and ShareGPT `from` values."""
+
+    chat_template: str | None = None
+    """Chat rows (and sft/reward/dpo prompt rows): a built-in template (chatml, llama-3, mistral, alpaca, zephyr,
+    gemma) or a .jinja file, for bases without one (or to replace theirs, with a warning). Saved in the adapter
+    folder as chat_template.jinja, which peftlab generate / serve / export use. None: the tokenizer's own."""
 
     def __post_init__(self) -> None:
         self.train_file = _file_list("train_file", self.train_file, required=True)
@@ -116,6 +145,24 @@ class DataConfig:
             if dupes:
                 raise ConfigError(f"DataConfig.labels lists {dupes} more than once; each label needs one class id.")
             self.labels = names
+        for name in ("split", "eval_split", "config", "revision"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `revision: 1234567` as a number
+                value = str(value)
+                setattr(self, name, value)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ConfigError(f"DataConfig.{name}={value!r} is not valid; give a non-empty string or leave it out.")
+        if not isinstance(self.roles, dict) or any(not isinstance(k, str) or v not in ROLES
+                                                   for k, v in self.roles.items()):
+            raise ConfigError(f"DataConfig.roles={self.roles!r} is not valid; it maps your role names to ours "
+                              f"({', '.join(ROLES)}), e.g. {{narrator: system, bot: assistant}}.")
+        if self.chat_template is not None:
+            from .templates import template_name_problem  # templates.py imports this module: import here
+
+            problem = template_name_problem(self.chat_template) if isinstance(self.chat_template, str) and \
+                self.chat_template else f"DataConfig.chat_template={self.chat_template!r} is not valid."
+            if problem:
+                raise ConfigError(problem)
         if self.prompt_template is not None and not isinstance(self.prompt_template, str):
             raise ConfigError(f"DataConfig.prompt_template={self.prompt_template!r} is not valid; give a format "
                               f"string such as 'Question: {{prompt}}\\nAnswer: '.")
@@ -133,7 +180,7 @@ def _file_list(name: str, value, *, required: bool) -> list[str] | str:
         if value or not required:
             return list(value)
     raise ConfigError(f"DataConfig.{name}={value!r} is not valid; give a path (or a list of paths) to "
-                      f".jsonl/.json/.csv/.parquet/.txt files.")
+                      f".jsonl/.json/.csv/.parquet/.txt files, save_to_disk folders or hub dataset ids.")
 
 
-__all__ = ["COLUMN_NAMES", "DataConfig", "DataError", "PAIR_TASKS", "SUFFIXES", "TASKS"]
+__all__ = ["COLUMN_NAMES", "DataConfig", "DataError", "PAIR_TASKS", "ROLES", "SUFFIXES", "TASKS"]

@@ -11,8 +11,9 @@ Labels follow transformers' convention: the model shifts them (the logits at t p
   separately and joined, so the boundary between them is exact: the targets are exactly the response's
   tokens and EOS. Instruction rows always use the plain prompt (Alpaca-style unless prompt_template is set);
   prompt/response rows use the tokenizer's chat template when it has one and prompt_template is None.
-- sft, chat: the conversation is rendered by `tokenizer.apply_chat_template`. Assistant turn i is found by
-  rendering messages[:i] with the generation prompt and messages[:i+1] without: the tokens between the two
+- sft, chat (`messages`, or ShareGPT `conversations` mapped to them by load.py): the conversation is rendered by
+  `tokenizer.apply_chat_template` (data.chat_template, when set, is installed on the tokenizer first: templates.py).
+  Assistant turn i is found by rendering messages[:i] with the generation prompt and messages[:i+1] without: the tokens between the two
   lengths are that turn (its text and the template's end-of-turn tokens) and are the only targets. Both
   renders must tokenise to prefixes of the whole conversation's tokens; a template that renders earlier
   turns differently (e.g. drops past reasoning) breaks that, and the row is refused rather than
@@ -43,6 +44,7 @@ from ..io.names import clip
 from .config import PAIR_TASKS, TASKS, DataConfig, DataError
 from .load import BadRow, SkipTally, bad_row_message
 from .pairs import encode_pair
+from .templates import TEMPLATES, install_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,9 @@ class _Encoder:
             self.label2id = {str(k): v for k, v in label2id.items()}
         else:
             self.eos = getattr(tokenizer, "eos_token_id", None)
+            # data.chat_template goes onto the tokenizer itself: the caller's tokenizer then renders (and saves
+            # with the adapter) exactly the template the rows were encoded with.
+            install_chat_template(tokenizer, cfg.chat_template)
             self.has_chat = bool(getattr(tokenizer, "chat_template", None))
 
     # ---- driving -----------------------------------------------------------------------------------------
@@ -190,9 +195,9 @@ class _Encoder:
 
     def _chat(self, messages: list[dict], column: str) -> dict:
         if not self.has_chat:
-            raise DataError("Chat rows ('messages') need a tokenizer with a chat template, and this one has none. "
-                            "Use the model's instruct tokenizer, set `tokenizer.chat_template`, or write the rows as "
-                            "prompt/response.")
+            raise DataError(f"Chat rows ('messages' / 'conversations') need a chat template, and this tokenizer has "
+                            f"none (most pretrained bases ship none). Name one: `chat_template: NAME` (built-in: "
+                            f"{', '.join(TEMPLATES)}) or a .jinja file; or write the rows as prompt/response.")
         full = self._render(messages, column, generation_prompt=False)
         labels = [IGNORE] * len(full)
         for i, msg in enumerate(messages):

@@ -1,7 +1,8 @@
-"""Local files -> checked rows, split into train and eval.
+"""Local files, save_to_disk folders and hub datasets -> checked rows, split into train and eval.
 
 Reading: .jsonl/.json/.csv/.parquet go through HF `datasets` (into a throw-away cache folder, so nothing is
-left in ~/.cache and a re-read always sees the file as it is now); .txt is split here into documents.
+left in ~/.cache and a re-read always sees the file as it is now); .txt is split here into documents;
+save_to_disk folders and hub ids are read by hf_datasets.py (a DatasetDict's or hub dataset's `split`).
 CSV cells are read as strings (no "NA" -> missing guessing): a label column of 0/1 gives labels "0"/"1",
 exactly as integer labels from JSON do.
 
@@ -11,17 +12,22 @@ names plus its origin:
     causal_lm: {"text": str}
     sft:       {"messages": [{"role", "content"}, ...]} | {"prompt": str, "response": str}
                | {"instruction": str, "input": str, "output": str}
+               ShareGPT rows ({"conversations": [{"from", "value"}, ...]}) become "messages" (+ "_format":
+               "sharegpt"), their roles mapped by SHAREGPT_ROLES and `roles:`; a conversation must end on an
+               assistant turn (every assistant turn is trained, encode.py).
     classify:  {"text": str, "label": str}
     reward:    {"prompt": str, "chosen": str, "rejected": str} (+ "margin": float when the file has the column)
     dpo:       {"prompt": str, "chosen": str, "rejected": str}
-    every row: "_file": the path it came from, "_row": its 1-based data row (jsonl: line number when the file
-               has no blank lines; csv: the row after the header; txt: the document number)
+    every row: "_file": the path it came from ("folder[split]" / "hub:org/name[split]" for datasets), "_row":
+               its 1-based data row (jsonl: line number when the file has no blank lines; csv: the row after the
+               header; txt: the document number; datasets: the row in the split)
 
 A bad row raises a DataError naming file, row, column, the value seen and the fix; with skip_bad_rows it is
 skipped and counted in `report["skipped"]` instead. Nothing is dropped without being counted.
 
-Splitting (all deterministic in `seed`): eval rows come from eval_file, or are carved out of the training
-rows (eval_fraction); then max_train_rows / max_eval_rows keep a seeded subset. Rows keep file order.
+Splitting (all deterministic in `seed`): eval rows come from eval_file, or from eval_split of train_file's
+datasets, or are carved out of the training rows (eval_fraction); then max_train_rows / max_eval_rows keep a
+seeded subset. Rows keep file order.
 """
 
 from __future__ import annotations
@@ -39,9 +45,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..io.names import clip  # a value for an error message: repr, cut to a limit
-from .config import PAIR_TASKS, SUFFIXES, TASKS, DataConfig, DataError
+from .config import PAIR_TASKS, ROLES, SUFFIXES, TASKS, DataConfig, DataError
+from .hf_datasets import describe, first_line, is_saved_dataset, looks_like_hub_id, read_hub, read_saved
 
-ROLES = ("system", "user", "assistant")
+# ShareGPT's `from` names (lower-cased) -> ours. The original ShareGPT dumps name the model gpt/chatgpt/bing/bard,
+# FastChat human/gpt, Gemini-style data user/model; LLaMA-Factory's tool-use ShareGPT calls the model's function call
+# function_call (model output: trained) and the tool's answer observation (context: never trained).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant", "function_call": "assistant",
+                  "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
 SKIP_HINT = "or set `skip_bad_rows: true` to skip such rows (they are counted in the report)"
 EXAMPLES_KEPT = 5  # file:row examples kept per skip reason in the report
 
@@ -93,27 +105,51 @@ class BadRow(Exception):
 
 # ---- reading files ---------------------------------------------------------------------------------------
 
-def expand_paths(spec: str | list[str], what: str) -> list[str]:
-    """Paths (and glob patterns) -> existing files, in the order given (a pattern's matches sorted)."""
-    out: list[str] = []
+def expand_sources(spec: str | list[str], what: str, hub_ids: bool = True) -> list[tuple[str, str]]:
+    """Paths, glob patterns, save_to_disk folders and hub ids -> [(kind, name)], kind "file" | "saved" | "hub",
+    in the order given (a pattern's matches sorted). A name that exists here is local; only a name that does not
+    (and looks like org/name) is a hub id."""
+    out: list[tuple[str, str]] = []
     for item in [spec] if isinstance(spec, str) else spec:
         if any(ch in item for ch in "*?["):
             matches = sorted(glob.glob(os.path.expanduser(item)))
             if not matches:
                 raise DataError(f"{what}: the pattern {item!r} matches no file (looked from {os.getcwd()}).")
-            out.extend(matches)
+            out.extend(_local_source(m, m, what) for m in matches)
             continue
         path = os.path.expanduser(item)
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            out.append(_local_source(item, path, what))
+        elif hub_ids and looks_like_hub_id(item) and _suffix(item) not in SUFFIXES:
+            out.append(("hub", item))
+        else:
             raise DataError(f"{what}: file not found: {item} (absolute: {os.path.abspath(path)}). "
                             f"Check the path; relative paths are taken from {os.getcwd()}.")
-        if os.path.isdir(path):
-            raise DataError(f"{what}: {item} is a folder; name the files in it (a glob like {item}/*.jsonl works).")
-        out.append(path)
-    for path in out:
-        if _suffix(path) not in SUFFIXES:
+    for kind, path in out:
+        if kind == "file" and _suffix(path) not in SUFFIXES:
             raise DataError(f"{what}: {path} has an unsupported extension {_suffix(path)!r}; "
-                            f"supported: {', '.join(SUFFIXES)}.")
+                            f"supported: {', '.join(SUFFIXES)}, or a save_to_disk folder.")
+    return out
+
+
+def _local_source(item: str, path: str, what: str) -> tuple[str, str]:
+    if not os.path.isdir(path):
+        return "file", path
+    if is_saved_dataset(path):
+        return "saved", path
+    raise DataError(f"{what}: {item} is a folder, but not one written by datasets' save_to_disk (it has no "
+                    f"{' or '.join(('dataset_dict.json', 'state.json'))}); name the files in it (a glob like "
+                    f"{item}/*.jsonl works).")
+
+
+def expand_paths(spec: str | list[str], what: str) -> list[str]:
+    """Paths (and glob patterns) -> existing files, for readers that take files only (ppo prompts)."""
+    out = []
+    for kind, name in expand_sources(spec, what, hub_ids=False):
+        if kind != "file":
+            raise DataError(f"{what}: {name} is a save_to_disk folder; this reader takes .jsonl/.json/.csv/.parquet/"
+                            f".txt files. Write the rows to a .jsonl file (`Dataset.to_json(path)`).")
+        out.append(name)
     return out
 
 
@@ -148,7 +184,7 @@ def read_rows(path: str) -> tuple[list[dict], list[str]]:
     except DataError:
         raise
     except Exception as err:  # datasets/pyarrow errors name neither the file nor the line
-        raise DataError(f"{path}: could not be read as {builder.upper()}: {_first_line(err)}"
+        raise DataError(f"{path}: could not be read as {builder.upper()}: {first_line(err)}"
                         f"{_locate_json_error(path)}. "
                         f"Fix the file (or convert it to .jsonl with one JSON object per line).") from err
     if suffix == ".json" and len(rows) == 1 and len(columns) == 1 and isinstance(rows[0][columns[0]], list):
@@ -182,11 +218,6 @@ def _quiet_datasets(datasets):
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 def _locate_json_error(path: str) -> str:
@@ -246,13 +277,14 @@ class _Columns:
 def _check_columns_exist(path: str, task: str, cols: _Columns) -> None:
     """A column absent from the whole file is a config problem, not a bad row: say so once, before any row."""
     needed = {"causal_lm": [["text"]], "classify": [["text", "label"]],
-              "sft": [["messages"], ["prompt", "response"], ["instruction", "output"]],
+              "sft": [["messages"], ["conversations"], ["prompt", "response"], ["instruction", "output"]],
               "reward": [["prompt", "chosen", "rejected"]], "dpo": [["prompt", "chosen", "rejected"]]}[task]
     if any(all(cols.has(c) for c in option) for option in needed):
         return
     seen = ", ".join(repr(c) for c in cols.present) or "none"
     if task == "sft":
-        shapes = "'messages' (chat), or 'prompt' + 'response', or 'instruction' (+ 'input') + 'output'"
+        shapes = ("'messages' (chat), or 'conversations' (ShareGPT), or 'prompt' + 'response', or 'instruction' "
+                  "(+ 'input') + 'output'")
         raise DataError(f"{path}: from row 1 on, no sft columns: sft rows need {shapes}. Columns in the file: "
                         f"{seen}. Fix: map yours, e.g. `columns: {{prompt: question, response: answer}}`.")
     missing = [c for c in needed[0] if not cols.has(c)]
@@ -296,37 +328,63 @@ def _label(row: dict, cols: _Columns, label_set: set[str] | None) -> str:
     return name
 
 
-def _messages(row: dict, cols: _Columns) -> list[dict[str, str]]:
-    value = cols.get(row, "messages")
+def _messages(row: dict, cols: _Columns, roles: dict[str, str]) -> list[dict[str, str]]:
+    """OpenAI-style `messages`: [{role, content}, ...]; roles are ours, or mapped by `roles:`."""
+    return _conversation(cols.get(row, "messages"), "messages", ("role", "content"), roles, {})
+
+
+def _sharegpt(row: dict, cols: _Columns, roles: dict[str, str]) -> list[dict[str, str]]:
+    """ShareGPT `conversations`: [{from, value}, ...]; `from` read through SHAREGPT_ROLES and `roles:`."""
+    return _conversation(cols.get(row, "conversations"), "conversations", ("from", "value"), roles, SHAREGPT_ROLES)
+
+
+def _conversation(value, column: str, keys: tuple[str, str], roles: dict[str, str],
+                  known: dict[str, str]) -> list[dict[str, str]]:
+    """A list of turns -> [{role, content}] in our roles. The conversation must train something and end on it:
+    at least one assistant turn, and the last turn the assistant's (a trailing user turn is a cut conversation)."""
+    who, what = keys
+    example = f'[{{"{who}": "{"human" if known else "user"}", "{what}": ...}}, ' \
+              f'{{"{who}": "{"gpt" if known else "assistant"}", "{what}": ...}}]'
     if not isinstance(value, list) or not value:
-        raise BadRow("messages", "not a list of messages", "must be a non-empty list of {role, content} objects",
-                     value, 'write messages as [{"role": "user", "content": ...}, {"role": "assistant", ...}]')
+        raise BadRow(column, "not a list of messages", f"must be a non-empty list of {{{who}, {what}}} objects",
+                     value, f"write {column} as {example}")
     out = []
     for i, msg in enumerate(value):
-        if not isinstance(msg, dict) or msg.get("role") is None or msg.get("content") is None:
-            keys = sorted(k for k, v in msg.items() if v is not None) if isinstance(msg, dict) else None
-            raise BadRow("messages", "malformed message",
-                         f"message {i} needs keys 'role' and 'content' "
-                         f"(it has {keys if keys is not None else 'no keys'})",
-                         msg, "give each message a role and a content")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise BadRow("messages", "unknown role", f"message {i} has role {role!r}; roles are {', '.join(ROLES)}",
-                         msg, "rename the role (e.g. human -> user, gpt -> assistant)")
+        if not isinstance(msg, dict) or msg.get(who) is None or msg.get(what) is None:
+            present = sorted(k for k, v in msg.items() if v is not None) if isinstance(msg, dict) else None
+            raise BadRow(column, "malformed message",
+                         f"message {i} needs keys {who!r} and {what!r} "
+                         f"(it has {present if present is not None else 'no keys'})",
+                         msg, f"give each message a {who} and a {what}" + (
+                             " (turns written as role/content: read the column as messages with `columns: "
+                             f"{{messages: {column}}}`)" if known and isinstance(msg, dict) and "role" in msg else ""))
+        name, content = msg[who], msg[what]
+        role = None
+        if isinstance(name, str):  # `roles:` first, then ShareGPT's names (any case), or ours as they are
+            role = roles.get(name) or (known.get(name.lower()) if known else (name if name in ROLES else None))
+        if role is None:
+            mapped = f"; known: {', '.join(sorted(known))}" if known else f"; ours are {', '.join(ROLES)}"
+            raise BadRow(column, "unknown role", f"message {i} has {who} {name!r}{mapped}", msg,
+                         f"map it to one of ours with `roles: {{{name}: user}}` (or assistant, system, tool)")
         if not isinstance(content, str):
-            raise BadRow("messages", "malformed message", f"message {i}'s content must be a string, not "
-                         f"{type(content).__name__}", msg, "write the content as a string")
+            raise BadRow(column, "malformed message", f"message {i}'s {what} must be a string, not "
+                         f"{type(content).__name__}", msg, f"write the {what} as a string")
         if role == "assistant" and not content.strip():
-            raise BadRow("messages", "empty assistant turn", f"message {i} is an empty assistant turn", msg,
+            raise BadRow(column, "empty assistant turn", f"message {i} is an empty assistant turn", msg,
                          "give every assistant turn some text")
         out.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in out):
-        raise BadRow("messages", "no assistant turn", "has no assistant turn, so nothing would be trained",
+        raise BadRow(column, "no assistant turn", "has no assistant turn, so nothing would be trained",
                      [m["role"] for m in out], "add the assistant's reply")
+    if out[-1]["role"] != "assistant":
+        raise BadRow(column, f"ends on a {out[-1]['role']} turn",
+                     f"ends on a {out[-1]['role']} turn (message {len(out) - 1}), which nothing answers",
+                     [m["role"] for m in out], "add the assistant's reply, or drop the last turn")
     return out
 
 
-def _check_row(row: dict, task: str, cols: _Columns, label_set: set[str] | None) -> dict:
+def _check_row(row: dict, task: str, cols: _Columns, label_set: set[str] | None,
+               roles: dict[str, str] | None = None) -> dict:
     """One raw row -> our normalised row, or BadRow."""
     if task == "causal_lm":
         return {"text": _string(row, cols, "text")}
@@ -336,7 +394,9 @@ def _check_row(row: dict, task: str, cols: _Columns, label_set: set[str] | None)
         return _pair(row, cols, task)
     # sft: the row's shape is decided by which columns hold a value (a file may mix shapes)
     if cols.get(row, "messages") is not None:
-        return {"messages": _messages(row, cols)}
+        return {"messages": _messages(row, cols, roles or {})}
+    if cols.get(row, "conversations") is not None:
+        return {"messages": _sharegpt(row, cols, roles or {}), "_format": "sharegpt"}
     if cols.get(row, "prompt") is not None or cols.get(row, "response") is not None:
         return {"prompt": _string(row, cols, "prompt"), "response": _string(row, cols, "response")}
     if cols.get(row, "instruction") is not None or cols.get(row, "output") is not None:
@@ -346,7 +406,7 @@ def _check_row(row: dict, task: str, cols: _Columns, label_set: set[str] | None)
                          "write 'input' as a string (or leave it out)")
         return {"instruction": _string(row, cols, "instruction"), "input": extra or "",
                 "output": _string(row, cols, "output")}
-    raise BadRow("messages", "missing", "the row has none of 'messages', 'prompt'+'response', "
+    raise BadRow("messages", "missing", "the row has none of 'messages', 'conversations', 'prompt'+'response', "
                  "'instruction'+'output'", {k: v for k, v in row.items() if v is not None},
                  "fill one of those shapes in, or map your columns with `columns: {...}`")
 
@@ -381,16 +441,29 @@ def bad_row_message(path: str, row_number: int, err: BadRow, cols: _Columns | No
     return f"{path}, row {row_number}, column {column}: {err.detail}.{seen}{fix}"
 
 
-def _check_file(path: str, task: str, cfg: DataConfig, label_set: set[str] | None, tally: SkipTally,
-                split: str) -> tuple[list[dict], dict]:
-    rows, columns = read_rows(path)
+def _read_source(kind: str, name: str, cfg: DataConfig, split: str | None, split_key: str,
+                 what: str) -> tuple[list[dict], list[str], str]:
+    """(rows, columns, how to name the source in messages) for one source of expand_sources."""
+    if kind == "file":
+        return (*read_rows(name), name)
+    if kind == "saved":
+        rows, columns, used = read_saved(name, split, split_key, what)
+    else:
+        rows, columns, used = read_hub(name, split, split_key, cfg.config, cfg.revision, what)
+    return rows, columns, describe(kind, name, used)
+
+
+def _check_source(kind: str, name: str, task: str, cfg: DataConfig, label_set: set[str] | None, tally: SkipTally,
+                  split: str, choose: str | None = None, split_key: str = "split") -> tuple[list[dict], dict]:
+    """Read one source and check its rows. `split`: train | eval (for the report); `choose`: the dataset split."""
+    rows, columns, path = _read_source(kind, name, cfg, choose, split_key, f"{split}_file")
     cols = _Columns(cfg.columns, columns)
     if rows:
         _check_columns_exist(path, task, cols)
     kept = []
     for number, raw in enumerate(rows, 1):
         try:
-            row = _check_row(raw, task, cols, label_set)
+            row = _check_row(raw, task, cols, label_set, cfg.roles)
         except BadRow as err:
             if not cfg.skip_bad_rows:
                 raise DataError(bad_row_message(path, number, err, cols)) from None
@@ -431,8 +504,9 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
     label_set = set(cfg.labels) if (task == "classify" and cfg.labels is not None) else None
 
     train: list[dict] = []
-    for path in expand_paths(cfg.train_file, "train_file"):
-        kept, info = _check_file(path, task, cfg, label_set, tally, "train")
+    train_sources = expand_sources(cfg.train_file, "train_file")
+    for kind, name in train_sources:
+        kept, info = _check_source(kind, name, task, cfg, label_set, tally, "train", cfg.split)
         train.extend(kept)
         files.append(info)
     read = sum(f["rows"] for f in files)
@@ -450,13 +524,20 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
         label_set = set(labels)
 
     report: dict[str, Any] = {"task": task}
-    if cfg.eval_file is not None:
+    if cfg.eval_file is not None or cfg.eval_split is not None:
+        # eval_file, or with none the eval_split of train_file's datasets (a DatasetDict's test split, say)
+        sources = expand_sources(cfg.eval_file, "eval_file") if cfg.eval_file is not None else train_sources
+        files_only = [name for kind, name in sources if kind == "file"]
+        if cfg.eval_file is None and files_only:
+            raise DataError(f"eval_split={cfg.eval_split!r} reads a split of train_file's datasets, but "
+                            f"{files_only[0]} is a file (files have no splits). Fix: give an eval_file, or use "
+                            f"eval_fraction without eval_split.")
         evals: list[dict] = []
-        for path in expand_paths(cfg.eval_file, "eval_file"):
-            kept, info = _check_file(path, task, cfg, label_set, tally, "eval")
+        for kind, name in sources:
+            kept, info = _check_source(kind, name, task, cfg, label_set, tally, "eval", cfg.eval_split, "eval_split")
             evals.extend(kept)
             files.append(info)
-        report["eval_from"] = "eval_file"
+        report["eval_from"] = "eval_file" if cfg.eval_file is not None else f"split {cfg.eval_split} of train_file"
     elif cfg.eval_fraction > 0:
         n = len(train)
         k = max(1, round(n * cfg.eval_fraction))
@@ -495,8 +576,11 @@ def load_splits(cfg: DataConfig, task: str) -> Splits:
 
 
 def _sft_shape(row: dict) -> str:
-    return "chat" if "messages" in row else ("prompt/response" if "prompt" in row else "instruction/output")
+    if "messages" in row:
+        return "chat (ShareGPT)" if row.get("_format") == "sharegpt" else "chat"
+    return "prompt/response" if "prompt" in row else "instruction/output"
 
 
-__all__ = ["BadRow", "SkipTally", "Splits", "bad_row_message", "expand_paths", "load_splits", "read_rows",
+__all__ = ["BadRow", "SHAREGPT_ROLES", "SkipTally", "Splits", "bad_row_message", "expand_paths", "expand_sources",
+           "load_splits", "read_rows",
            "sort_labels"]

@@ -103,7 +103,7 @@ def load_adapter(self, peft_model_id: str, adapter_name: str | None = None, is_t
     if owner is None:
         owner = _add(self, config, adapter_name)  # the first adapter is the active one
         try:
-            owner._load_tensors(adapter_name, weights, folder)
+            owner.load_tensors(adapter_name, weights, folder)
         except Exception:
             owner.unload()
             del self.__dict__[OWNER_KEY]

@@ -11,14 +11,17 @@ import json
 import os
 import stat
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
-from ..core.config import CONFIG_NAME
 from .atomic import atomic_folder, atomic_write_text, atomic_write_with, holds_cwd, recover_folder
 from .names import clip
 
+if TYPE_CHECKING:
+    import torch
+
+# torch and safetensors are imported inside the functions that read or write tensors: core's configs import this
+# module's names (CONFIG_NAME, read_config_dict) and must not pull torch into a run-config check.
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
@@ -99,6 +102,9 @@ def read_config_dict(folder: str) -> dict:
 def read_weights(folder: str, allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
     """The adapter's tensors, after checking that they were saved together with the folder's config and that
     every value is finite (`allow_non_finite=True` loads NaN/inf weights anyway, to debug a diverged run)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     path = os.path.join(folder, WEIGHTS_NAME)
     if os.path.exists(path):
         _check_regular(path, WEIGHTS_NAME)
@@ -152,6 +158,8 @@ def check_config_matches(folder: str, metadata: dict[str, str]) -> None:
 
 def check_finite(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Raise AdapterFileError naming the tensors that hold NaN or inf (a diverged training run saved them)."""
+    import torch
+
     bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         raise AdapterFileError(
@@ -164,6 +172,8 @@ def write_adapter_folder(folder: str, config_text: str, tensors: dict[str, torch
     """Write adapter_config.json + adapter_model.safetensors as one unit: the folder is replaced whole (see
     atomic_folder), so a reader or a kill at any instant finds the old pair or the new pair, never a mix. Other
     files already in the folder (a tokenizer, a README, other adapters' subfolders) are kept."""
+    from safetensors.torch import save_file
+
     # Clone to contiguous CPU tensors: safetensors refuses views and tensors that share storage (tied weights).
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     metadata = {"format": "pt", CONFIG_METADATA_KEY: json.dumps(json.loads(config_text), sort_keys=True)}
@@ -180,6 +190,8 @@ def write_adapter_folder(folder: str, config_text: str, tensors: dict[str, torch
 
 def load_into(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str) -> None:
     """Copy file tensors into the model's tensors, after checking names and shapes all agree."""
+    import torch
+
     check_fits(expected, found, source)
     with torch.no_grad():
         for key, target in expected.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from ..core.config import ConfigError  # torch-free, as everything this module imports
+from .errors import ConfigError
 from .names import clip
 
 MAX_CONFIG_FILE_BYTES = 1 << 20  # a run config is a few hundred bytes; 1 MB is not a config

@@ -1,5 +1,5 @@
 """NF4 dequantisation in one Triton pass: packed 4-bit codes + (double-quantised) block scales -> W_hat in the compute
-dtype. The format and the reference are peftlab/methods/qlora/nf4.py (`dequantize_nf4`); the value tables (NF4_CODE,
+dtype. The format and the reference are nf4.py beside it (`dequantize_nf4`); the value tables (NF4_CODE,
 DYNAMIC_CODE) are read from there and handed to the kernel as tensors. Imported only when a Triton path runs (it
 imports triton), by kernels/qlora_linear.py.
 
@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..methods.qlora.nf4 import DYNAMIC_CODE, NF4_CODE, NF4State
+from .nf4 import DYNAMIC_CODE, NF4_CODE, NF4State
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -91,7 +91,7 @@ def dequantize_nf4_triton(packed: torch.Tensor, state: NF4State, dtype: torch.dt
     dtype = dtype or state.dtype
     if dtype not in OUT_DTYPES:
         raise ValueError(f"dequantize_nf4_triton writes fp32, bf16 or fp16, not {dtype}; use "
-                         "peftlab.methods.qlora.nf4.dequantize_nf4 for other dtypes.")
+                         "peftlab.kernels.nf4.dequantize_nf4 for other dtypes.")
     n = state.numel
     if packed.dtype != torch.uint8 or packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_nf4_triton: packed codes must be uint8 with ceil(n/2) = {(n + 1) // 2} bytes for "

@@ -1,7 +1,7 @@
 """The QLoRA linear as one autograd node: LoRA on a frozen NF4 weight that is dequantised just before each GEMM.
 
-Math: lora_linear.py's, with the frozen W = W_hat = dequantize(NF4 codes, scales) (out, in) (peftlab/methods/qlora/
-nf4.py), without dropout mask or with one:
+Math: lora_linear.py's, with the frozen W = W_hat = dequantize(NF4 codes, scales) (out, in) (nf4.py), without
+dropout mask or with one:
 
     forward   W_hat = dequant(codes) in the compute dtype     transient: dropped right after the base GEMM
               u = x_d A^T (N, r);  y = x W_hat^T + b + s u B^T
@@ -47,19 +47,13 @@ import torch
 
 from .backend import resolve
 from .lora_linear import LoraLinearFunction, autocast_inputs, lora_linear_reference
-
-
-def _nf4():
-    # Imported on use: peftlab.methods imports this package (lora/layer.py -> kernels.switch) while it initialises.
-    from ..methods.qlora import nf4
-
-    return nf4
+from .nf4 import dequantize_nf4
 
 
 def qlora_linear_reference(x: torch.Tensor, packed: torch.Tensor, state, b: torch.Tensor | None, A: torch.Tensor,
                            B: torch.Tensor, scaling: float, dropout_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Plain autograd over nf4.py's dequantisation (in x's dtype) -> `lora_linear_reference`: the oracle."""
-    W = _nf4().dequantize_nf4(packed, state, x.dtype)
+    W = dequantize_nf4(packed, state, x.dtype)
     return lora_linear_reference(x, W, b, A, B, scaling, dropout_mask)
 
 
@@ -72,7 +66,6 @@ def nf4_dequantizer(packed: torch.Tensor, state, backend: str,
         return lambda dtype: dequantize_nf4_triton(packed, state, dtype)
     if dequantize is not None:
         return dequantize
-    dequantize_nf4 = _nf4().dequantize_nf4
     return lambda dtype: dequantize_nf4(packed, state, dtype)
 
 

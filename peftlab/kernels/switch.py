@@ -1,28 +1,18 @@
-"""The runtime switch that routes LoRA linear layers through `fused_lora_linear` (no config field, no file key).
+"""The runtime switch that routes adapter layers through their fused nodes (no config field, no file key).
 
     peftlab.kernels.enable(model, backend="auto")   # returns how many layers now take the fast path when they can
     peftlab.kernels.disable(model)
 
-A layer opts in by declaring a class attribute `kernel_backend` (LoraLinear does; None means off) and calling
-`fused_forward(self, x)` first in its forward. The fused path runs only where it computes exactly the layer's
-forward; otherwise `fused_forward` returns None and the layer runs its plain forward:
-- one live adapter (active, not merged, not disabled); several, or none, take the plain path;
-- no dropout at work (lora_dropout = 0, or eval mode): the plain path draws its mask from the global RNG;
-- a plain nn.Linear base (not Conv1D's transposed weight, not a subclass), or a layer with a method
-  `fused_base_forward(x, adapter_name)` that runs its own fused node for its other base and returns None where that
-  node does not apply (QLoraLinear on its NF4 base: methods/qlora/layer.py, kernels/qlora_linear.py);
-- no extra positional/keyword arguments to forward.
-DoraLinear (methods/dora/layer.py) consults the same switch: under these conditions, and with no adapter merged (its
-norm is that of the unmerged weight), it runs `fused_dora_linear` (dora_linear.py) instead of its plain forward.
+A layer opts in by declaring a class attribute `kernel_backend` (LoRA's linear does; None means off); this module
+only sets it. Whether a given forward can take the fused node is the layer's own decision, made from its own
+adapters (LoRA's: methods/lora/fused.py), so kernels/ knows tensors and this attribute, nothing of any method.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .backend import BACKENDS
-from .lora_linear import fused_lora_linear
 
 
 def _switchable(model: nn.Module):
@@ -30,7 +20,7 @@ def _switchable(model: nn.Module):
 
 
 def enable(model: nn.Module, backend: str = "auto") -> int:
-    """Turn the fused LoRA linear on for every layer of `model` that declares the switch; returns their number.
+    """Turn the fused path on for every layer of `model` that declares the switch; returns their number.
     (Subclasses inherit the switch: DoRA's linear runs `fused_dora_linear` with it; LoRA-FA, with its own forward,
     never consults it.)"""
     if backend not in BACKENDS:
@@ -47,36 +37,3 @@ def enable(model: nn.Module, backend: str = "auto") -> int:
 def disable(model: nn.Module) -> None:
     for m in _switchable(model):
         m.kernel_backend = None
-
-
-def fused_adapter(layer, args: tuple = (), kwargs: dict | None = None) -> str | None:
-    """The one adapter a fused node can run alone on `layer`, or None: the switch is on, forward got no extra
-    arguments, exactly one adapter is live, and no dropout is at work (the conditions of the module docstring that do
-    not depend on the base layer). Shared by `fused_forward` and DoraLinear."""
-    if layer.kernel_backend is None or args or kwargs:
-        return None
-    live = layer.live_adapters()
-    if len(live) != 1:
-        return None
-    if layer.training and not isinstance(layer.lora_dropout[live[0]], nn.Identity):
-        return None
-    return live[0]
-
-
-def fused_forward(layer, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor | None:
-    """The layer's output through `fused_lora_linear` (or the layer's own `fused_base_forward`), or None when the
-    conditions in the module docstring fail."""
-    if layer.kernel_backend is None:
-        return None
-    plain_linear = type(layer.base_layer) is nn.Linear and not getattr(layer, "fan_in_fan_out", False)
-    own = None if plain_linear else getattr(layer, "fused_base_forward", None)
-    if own is None and not plain_linear:
-        return None
-    name = fused_adapter(layer, args, kwargs)
-    if name is None:
-        return None
-    if own is not None:
-        return own(x, name)
-    base = layer.base_layer
-    return fused_lora_linear(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                             layer.scaling[name], backend=layer.kernel_backend)

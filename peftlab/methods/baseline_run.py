@@ -1,56 +1,66 @@
-"""What the baselines that take over a `peftlab train` run (`Method.run`: features, icl) share: reading the
-classification rows, the device and precision, and writing the run folder the training loop writes:
+"""What the baselines that take over a `peftlab train` run (`Method.run`: features, icl) share: loading the frozen
+base, classification metrics, the method's options, and saving their folders.
 
-    output_dir/metrics.jsonl      eval records as the loop writes them: {"step": 0, "split": "eval", "loss": ...,
-                                  "accuracy": ..., "macro_f1": ...} plus "stage" (which evaluation it is)
-    output_dir/run_config.yaml    the run config
-    output_dir/adapter/           the method's files and README.md, a model card: how to load it (the method's own
-                                  Python API, since these folders are not weight adapters), data, results, options;
-                                  written whole by one folder swap (io/atomic.py): a kill leaves the old folder or
-                                  the new one, never a new probe beside an old config
-
-These methods use the training layer's helpers (data loading, model loading, precision), which the gradient methods
-never import: a `Method.run` does the work of the training loop, so it sits beside it.
+A `Method.run` gets its run from the training layer as a context (peftlab.train.method_run.MethodRun): the run
+config, the log, the checked classification rows, the base dtype and autocast dtype of the run, and the writer of
+the run folder (metrics.jsonl, run_config.yaml, adapter/ with the model card). A method uses only what it is handed
+and imports nothing from train/ or data/ (layers above methods/, shared/design.md); it hands its results back up
+(the result dict, eval records, the files of its folder, how to load it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Collection
 
 import torch
-import yaml
 
-from ..core.config import ConfigError
-from ..io.atomic import atomic_folder, atomic_write_text
-
-
-def classify_splits(run, method_name: str):
-    """The run's checked rows (peftlab.data.Splits) for a method that only classifies."""
-    from ..data import load_splits
-    from ..train.sources import resolve_shipped
-
-    if run.task != "classify":
-        raise ConfigError(f"method {method_name} classifies texts: it needs `task: classify` (rows with text and "
-                          f"label), but the run says task: {run.task}. Use a gradient method (e.g. lora) for "
-                          f"{run.task}, or set task: classify.")
-    splits = load_splits(resolve_shipped(run.data), "classify")
-    if not splits.eval:
-        raise ConfigError(f"method {method_name} has nothing to report without eval rows: set data.eval_fraction "
-                          f"> 0 or give data.eval_file.")
-    return splits
+from ..core.config import CONFIG_NAME, AdapterConfig, ConfigError
+from ..io.atomic import atomic_folder
 
 
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
-    """The autocast dtype for train.precision (auto: as the loop resolves it), None for fp32."""
-    from ..train.loop import resolve_precision
+def load_frozen_base(name_or_path: str, auto_model: str, dtype: str = "fp32"):
+    """(tokenizer, model on `device()` in eval mode, the folder or hub id it came from) for `name_or_path` ("smollm2",
+    a folder or a hub id), weights in `dtype` (auto | bf16 | fp16 | fp32: a run passes its model.dtype as resolved,
+    RunConfig.base_dtype; the Python API's default is fp32). `auto_model`: transformers' Auto class name; AutoModel
+    drops the checkpoint's head (lm_head, classifier), which transformers reports in a table of unexpected weights:
+    that is what we ask for, so its log is kept to errors meanwhile. A tokenizer without a pad token pads with EOS
+    (padding is masked)."""
+    import transformers
 
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision))
+    from ..models import load_model, load_tokenizer, resolve_model
+    from ..models.dtype import to_stderr
+
+    tokenizer = load_tokenizer(name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    before = transformers.logging.get_verbosity()
+    if auto_model == "AutoModel":
+        transformers.logging.set_verbosity(transformers.logging.ERROR)
+    try:
+        model = load_model(name_or_path, auto_class=getattr(transformers, auto_model), dtype=dtype, log=to_stderr)
+    finally:
+        transformers.logging.set_verbosity(before)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return tokenizer, model.to(device()).eval(), resolve_model(name_or_path)
+
+
+def classification_metrics(preds: list[int], labels: list[int], n_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 over `n_classes` classes (scikit-learn; a class never predicted nor present scores 0,
+    zero_division=0), as the training loop reports classification (peftlab.train.tasks.classification_metrics)."""
+    from sklearn.metrics import accuracy_score, f1_score
+
+    if not labels:
+        return {"accuracy": 0.0, "macro_f1": 0.0}
+    return {"accuracy": float(accuracy_score(labels, preds)),
+            "macro_f1": float(f1_score(labels, preds, labels=list(range(n_classes)), average="macro",
+                                       zero_division=0))}
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -59,15 +69,12 @@ def count_params(model: torch.nn.Module) -> int:
 
 def method_options(config) -> dict:
     """The method's own options as used (its fields beyond the adapter fields every method shares)."""
-    import dataclasses
-
-    from ..core.config import AdapterConfig
-
     shared = {f.name for f in dataclasses.fields(AdapterConfig)} - {"base_model_name_or_path"}
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name not in shared}
 
 
 def eval_record(metrics: dict, stage: str) -> dict:
+    """An eval record of metrics.jsonl as the loop writes it, plus "stage" (which evaluation it is)."""
     return {"step": 0, "split": "eval", **metrics, "stage": stage}
 
 
@@ -80,77 +87,9 @@ def save_folder(folder: str, write_files: Callable[[str], None], owned: Collecti
         write_files(staging)
 
 
-def write_run_folder(run, config, result: dict, records: list[dict], usage: str, notes: list[str],
-                     write_files: Callable[[str], None]) -> None:
-    """metrics.jsonl (appended, NaN as null, as the loop does), the adapter folder (`write_files` + the model card,
-    one folder swap) and run_config.yaml."""
-    from ..train.loop import _MetricsLogger
-
-    out = run.train.output_dir
-    os.makedirs(out, exist_ok=True)
-    metrics = _MetricsLogger(out, tensorboard=False)
-    for rec in records:
-        metrics.write(rec)
-    metrics.close()
-    with atomic_folder(result["adapter_dir"]) as staging:  # the method's files and the card that describes them
-        write_files(staging)
-        write_card(staging, run, config, result, usage, notes)
-    atomic_write_text(os.path.join(out, "run_config.yaml"), yaml.safe_dump(run.to_dict(), sort_keys=False))
-
-
-def write_card(adapter_dir: str, run, config, result: dict, usage: str, notes: list[str]) -> str:
-    """README.md: how to load, data, results, and `config` (the method's config as used, defaults filled in)."""
-    options = json.dumps({"name": run.method_name, **method_options(config)}, indent=2, default=str)
-    before, after = result.get("before") or {}, result["after"]
-    rows = "\n".join(f"| {k} | {before[k]:.4f} | {v:.4f} |" if k in before else f"| {k} | - | {v:.4f} |"
-                     for k, v in after.items() if isinstance(v, float))
-    data = run.to_dict()["data"]
-    evals = data.get("eval_file") or f"{data['eval_fraction']:.0%} of train, seed {data['seed']}"
-    counts = result.get("data", {}).get("counts", {})
-    text = f"""---
-library_name: peftlab
-base_model: {run.model}
-tags: [peftlab, {run.method_name}, {run.task}]
----
-
-# {run.method_name} for {run.model} ({run.task})
-
-Made with `peftlab train` ({run.method_name}: no gradient steps; the base model stays frozen). This folder is not a
-weight adapter: PEFT's `PeftModel.from_pretrained` cannot load it. Use:
-
-```python
-{usage.strip()}
-```
-
-## Data
-- train: `{data['train_file']}`; eval: `{evals}`
-- rows: {json.dumps(counts, default=str)[:600]}
-
-## Results ({result['train_seconds']:.1f} s; trainable parameters {result['trainable_params']:,})
-
-| metric | {result.get('before_label', 'before')} | {result.get('after_label', 'after')} |
-|---|---|---|
-{rows}
-
-## Options (as used)
-
-```json
-{options}
-```
-"""
-    for note in notes:
-        text += "\n" + note.strip() + "\n"
-    os.makedirs(adapter_dir, exist_ok=True)
-    path = os.path.join(adapter_dir, "README.md")
-    atomic_write_text(path, text)
-    return path
-
-
 def read_saved_config(folder: str, config_cls, what: str):
     """The config of a folder a `Method.run` baseline saved (`what`: "features", "icl"), checked to be that method's:
     one reader for every such `load`, with one set of errors."""
-    from ..core.config import CONFIG_NAME
-
     path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: it is not a saved {what} folder.")

@@ -20,12 +20,30 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_CHOICES = ["auto", *DTYPES]
-NAMES = {v: k for k, v in DTYPES.items()}
+# The names are torch-free (a run config checks model.dtype before torch is imported); the name -> torch.dtype
+# tables DTYPES and NAMES are built on first use (module __getattr__ below).
+DTYPE_CHOICES = ["auto", "bf16", "fp16", "fp32"]
+
+
+@functools.cache
+def _tables() -> tuple[dict[str, torch.dtype], dict[torch.dtype, str]]:
+    import torch
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    return dtypes, {v: k for k, v in dtypes.items()}
+
+
+def __getattr__(name: str):
+    if name == "DTYPES":
+        return _tables()[0]
+    if name == "NAMES":
+        return _tables()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class DtypeError(ValueError):
@@ -47,12 +65,16 @@ def cpu_flags() -> frozenset[str]:
 
 def native_cpu(dtype: torch.dtype, flags: frozenset[str] | None = None) -> str | None:
     """The CPU flag that makes `dtype` native here (e.g. "avx512_bf16"), or None."""
+    import torch
+
     flags = cpu_flags() if flags is None else flags
     wanted = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("avx512_fp16", "amx_fp16")}.get(dtype, ())
     return next((f for f in wanted if f in flags), None)
 
 
 def _cuda_device(device) -> bool:
+    import torch
+
     if device is None:
         return torch.cuda.is_available()
     return torch.device(device).type == "cuda"
@@ -62,6 +84,9 @@ def resolve_dtype(choice: str | torch.dtype | None, device=None) -> tuple[torch.
     """(dtype, why) for `choice` on `device` (default: CUDA if available, else the CPU). `why` is the text shown in
     "peftlab: base in bf16 (auto: CPU has avx512_bf16)". Raises DtypeError for an unknown name or a dtype the
     hardware cannot compute (module docstring)."""
+    import torch
+
+    DTYPES, NAMES = _tables()
     if choice is None:
         choice = "fp32"
     if isinstance(choice, torch.dtype):
@@ -108,7 +133,7 @@ def to_stderr(line: str) -> None:
 def describe(dtype: torch.dtype, why: str, quantised: bool = False) -> str:
     """The line a run prints first about its base, e.g. "peftlab: base in bf16 (auto: CPU has avx512_bf16)"."""
     extra = "; the targeted linear weights in 4-bit NF4, quantised as they are read" if quantised else ""
-    return f"peftlab: base in {NAMES[dtype]} ({why}){extra}"
+    return f"peftlab: base in {_tables()[1][dtype]} ({why}){extra}"
 
 
 __all__ = ["DTYPES", "DTYPE_CHOICES", "DtypeError", "cpu_flags", "native_cpu", "resolve_dtype", "describe",

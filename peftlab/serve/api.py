@@ -265,10 +265,12 @@ def create_app(engine: Engine, base_name: str, allowed_dirs: list[str]) -> FastA
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, http: HTTPRequest):
         adapter = adapter_of(body.model)
-        if tokenizer.chat_template is None:
-            raise APIError(400, f"The model {base_name!r} has no chat template; use /v1/completions.", param="messages")
+        template = engine.chat_template(adapter)  # the adapter's saved template, else the base tokenizer's
+        if template is None:
+            raise APIError(400, f"The model {body.model!r} has no chat template; use /v1/completions.",
+                           param="messages")
         ids = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
+                                            tokenize=True, return_dict=True, chat_template=template)["input_ids"]
         params = sampling(body, len(ids), body.max_completion_tokens or body.max_tokens, engine.max_context)
 
         def chunk(rid, text, reason):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..data.templates import adapter_template, stop_token_ids
 from ..models.compat import cache_kwarg
 from .mixed import MixedModel, read_adapter
 
@@ -86,6 +87,10 @@ class Engine:
         eos = model.generation_config.eos_token_id if model.generation_config is not None else None
         eos = tokenizer.eos_token_id if eos is None else eos  # the ids generate() stops at, for parity with it
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        # Per adapter: the chat template saved with it (data.chat_template) and that template's end-of-turn token,
+        # one more stop for its requests only, as `peftlab generate --adapter` adds it (data/templates.py).
+        self.chat_templates: dict[str, str] = {}
+        self.adapter_stops: dict[str, set[int]] = {}
         self.waiting: collections.deque[Request] = collections.deque()
         self.rows: list[Request] = []
         self._commands: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
@@ -146,8 +151,20 @@ class Engine:
     def load_adapter(self, name: str, folder: str) -> str:
         """Read `folder` (in the calling thread: the model keeps serving) and install it; returns the method name."""
         method, terms = read_adapter(self.mixed.base, folder)
-        self._on_engine_thread(lambda: self.mixed.install(name, method, folder, terms))
+        template = adapter_template(folder)
+        stops = set(stop_token_ids(self.tokenizer, template)) if template else set()
+
+        def install():
+            self.mixed.install(name, method, folder, terms)
+            self._forget_template(name)  # a reload may bring another template, or none
+            if template:
+                self.chat_templates[name], self.adapter_stops[name] = template, stops
+        self._on_engine_thread(install)
         return method
+
+    def chat_template(self, adapter: str | None) -> str | None:
+        """The template chat requests for `adapter` are rendered with: its own, else the base tokenizer's."""
+        return self.chat_templates.get(adapter) or getattr(self.tokenizer, "chat_template", None)
 
     def unload_adapter(self, name: str) -> None:
         def remove():
@@ -155,7 +172,12 @@ class Engine:
             if users:
                 raise AdapterInUse(f"adapter {name!r} serves {users} request(s) now; unload it when they finish")
             self.mixed.remove(name)
+            self._forget_template(name)
         self._on_engine_thread(remove)
+
+    def _forget_template(self, name: str) -> None:
+        self.chat_templates.pop(name, None)
+        self.adapter_stops.pop(name, None)
 
     def _on_engine_thread(self, fn: Callable[[], object]) -> object:
         if self._thread is None:  # not started: nothing runs a step yet
@@ -314,7 +336,7 @@ class Engine:
 
     def _push(self, req: Request, token: int) -> bool:
         """Add a sampled token to `req`, emit the text that became final; True if the request is finished."""
-        if token in self.eos and not req.params.ignore_eos:
+        if (token in self.eos or token in self.adapter_stops.get(req.adapter, ())) and not req.params.ignore_eos:
             return self._finish(req, "stop")
         req.generated.append(token)
         text = self.tokenizer.decode(req.generated, skip_special_tokens=True)

@@ -110,7 +110,7 @@ def read_adapter(base: nn.Module, folder: str) -> tuple[str, dict[str, Term]]:
                              "Merge it (`peftlab merge`) and serve the merged model.")
     holder = PeftModel.from_pretrained(shared_copy(base), folder, adapter_name="serve", config=config)
     terms: dict[str, Term] = {}
-    for path, layer in holder._adapter_layers():
+    for path, layer in holder.adapter_layers():
         reader = TERMS.get(type(layer))
         if reader is None:
             raise AdapterRefused(f"{where} adapts {path!r} with {type(layer).__name__}; mixed batches serve adapters "

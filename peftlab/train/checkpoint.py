@@ -64,5 +64,5 @@ def load_checkpoint(folder: str, peft_model, adapter_name: str = "default") -> d
     that what a method keeps beside its adapter tensors (Delta-LoRA's updated base weights) comes back too."""
     sub = os.path.join(folder, "adapter")
     sub = sub if adapter_name == "default" else os.path.join(sub, adapter_name)
-    peft_model._load_tensors(adapter_name, adapter_files.read_weights(sub), sub)
+    peft_model.load_tensors(adapter_name, adapter_files.read_weights(sub), sub)
     return torch.load(os.path.join(folder, "state.pt"), weights_only=True)

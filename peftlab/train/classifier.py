@@ -29,10 +29,14 @@ from .sources import resolve_shipped
 
 
 class TextClassifier:
-    def __init__(self, model, tokenizer, labels: Sequence[str], data, device: str | torch.device | None = None) -> None:
+    def __init__(self, model, tokenizer, labels: Sequence[str], data, device: str | torch.device | None = None,
+                 autocast_dtype: torch.dtype | None = None) -> None:
         """model: a sequence-classification model (a PeftModel with the adapter loaded, or a plain one) whose head has
-        len(labels) outputs; data: the DataConfig that encodes a text (max_length, columns are not used)."""
+        len(labels) outputs; data: the DataConfig that encodes a text (max_length, columns are not used);
+        autocast_dtype: run the model under torch.autocast in this dtype (a bf16/fp16 base beside the fp32 head and
+        adapter, as training ran it); None: as it is."""
         self.model = model.eval()
+        self.autocast_dtype = autocast_dtype
         self.tokenizer = tokenizer
         self.labels = [str(label) for label in labels]
         # Rows are built here from the texts given, never read from files: skipping would misalign the output.
@@ -48,6 +52,7 @@ class TextClassifier:
         run_dir/adapter; give a checkpoint's adapter folder to use that)."""
         from ..core.method import method_for_config
         from ..core.model import PeftModel
+        from ..models import resolve_dtype
         from .model_loading import load_tokenizer_and_model
 
         run = load_finished_run(run_dir, "classify", "TextClassifier.from_run")
@@ -63,9 +68,12 @@ class TextClassifier:
         if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
             raise ConfigError(f"TextClassifier.from_run: no adapter in {adapter_dir!r} (no adapter_config.json); the "
                               "run may not have finished. Give adapter_dir=<a checkpoint's adapter folder> or rerun.")
+        # the base in the dtype the run trained it in (run.base_dtype: model.dtype resolved, e.g. auto -> bf16)
         tokenizer, base = load_tokenizer_and_model(run.model, "AutoModelForSequenceClassification", list(labels),
-                                                   announce_head=False)
-        return cls(PeftModel.from_pretrained(base, adapter_dir), tokenizer, labels, run.data, device=device)
+                                                   announce_head=False, dtype=run.base_dtype)
+        sixteen = resolve_dtype(run.base_dtype)[0]
+        return cls(PeftModel.from_pretrained(base, adapter_dir), tokenizer, labels, run.data, device=device,
+                   autocast_dtype=sixteen if sixteen != torch.float32 else None)
 
     @torch.no_grad()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
@@ -84,8 +92,9 @@ class TextClassifier:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
             batch = self.collator([examples[i] for i in idx])
-            logits = self.model(input_ids=batch["input_ids"].to(self.device),
-                                attention_mask=batch["attention_mask"].to(self.device)).logits
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                logits = self.model(input_ids=batch["input_ids"].to(self.device),
+                                    attention_mask=batch["attention_mask"].to(self.device)).logits
             if logits.shape[-1] != len(self.labels):
                 raise ConfigError(f"TextClassifier: the model's head gives {logits.shape[-1]} outputs for "
                                   f"{len(self.labels)} labels {self.labels}; the adapter belongs to another label set.")

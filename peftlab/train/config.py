@@ -24,18 +24,25 @@ from typing import Any
 
 import yaml
 
+# Everything imported here is torch-free (tests/test_layers.py checks it): `peftlab train` answers an unknown key, a
+# bad value or a missing file before the 5 CPU-seconds of torch + transformers. Hardware checks import torch inside
+# the function, after the whole config has been read.
+from ..core.config import AdapterConfig, ConfigError, check_choice, check_number, field_docs
+from ..core.method import get_method, no_method_message, registered_methods, registered_names
+from ..data.config import TASKS, DataConfig
 from ..io.names import clip
 from ..io.yaml_file import read_yaml_mapping
-from ..core.config import AdapterConfig, ConfigError, check_choice, check_number, field_docs
-from ..core.method import get_method, registered_methods
-from ..data import TASKS, DataConfig
+from ..methods import builtin_names, config_class
 from ..models.dtype import DTYPE_CHOICES, resolve_dtype
-from .lm_loss import CHUNKED_LOSS_MODES, CHUNKED_LOSS_TASKS
 from .ppo_config import PPOConfig
-from .preference import PREFERENCE_TASKS, PreferenceConfig
+from .preference_config import PREFERENCE_TASKS, PreferenceConfig
+from .trackers import check_report_to
 
 SCHEDULERS = ["linear", "cosine", "constant"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
+CHUNKED_LOSS_MODES = ["auto", "on", "off"]  # train.chunked_loss (lm_loss.py computes it)
+CHUNKED_LOSS_TASKS = ("causal_lm", "sft")
+"""Tasks whose loss is next-token cross-entropy over the lm_head's logits (tasks.py: Task.chunkable)."""
 
 
 @dataclass
@@ -115,7 +122,14 @@ class TrainConfig:
     """Examples per batch in evaluation."""
 
     tensorboard: bool = True
-    """Also write TensorBoard logs under output_dir/tb (if tensorboard is installed)."""
+    """Also write TensorBoard logs under output_dir/tb (if tensorboard is installed). The older switch: with
+    report_to unset it means report_to: [tensorboard] (true) or [] (false)."""
+
+    report_to: list[str] | None = None
+    """Where metrics go besides metrics.jsonl, through Accelerate's trackers: any of tensorboard (output_dir/tb),
+    wandb (offline into output_dir/wandb without an API key), mlflow (output_dir/mlruns unless MLFLOW_TRACKING_URI
+    is set); [] for none. null: [tensorboard] while `tensorboard` is true. wandb / mlflow need `pip install
+    'peftlab[trackers]'` (train/trackers.py)."""
 
     progress: bool = True
     """Show a progress bar (loss, lr, tokens/s, ETA)."""
@@ -139,6 +153,10 @@ class TrainConfig:
         if isinstance(self.chunked_loss, bool):  # YAML 1.1 reads a bare on / off as true / false
             self.chunked_loss = "on" if self.chunked_loss else "off"
         check_choice(n, "chunked_loss", self.chunked_loss, CHUNKED_LOSS_MODES)
+        try:
+            self.report_to = check_report_to(self.report_to, self.tensorboard)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -252,11 +270,7 @@ def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConf
                           f"(method: {{name: lora, r: 16}}); got {method_raw!r}.")
     method_raw = dict(method_raw)
     name = method_raw.pop("name")
-    try:
-        method = get_method(name)
-    except KeyError as err:
-        raise ConfigError(f"{source}: {err.args[0]}") from None
-    method_config = _build(method.config_cls, method_raw, f"{source}: method ({name})")
+    method_config = _build(_method_config_class(name, source), method_raw, f"{source}: method ({name})")
     ppo = _build(PPOConfig, raw.get("ppo") or {}, f"{source}: ppo") if task == "ppo" else None
     if raw.get("ppo") and task != "ppo":
         raise ConfigError(f"{source}: the ppo section applies to task ppo; this run's task is {task}. Remove it.")
@@ -287,6 +301,18 @@ def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConf
                           f"Set train.precision={model.dtype}, or model.dtype to fp32 or auto.")
     return RunConfig(model=model.name, model_dtype=model.dtype, task=task, method=method_config, method_name=name,
                      data=data, train=train, preference=preference, ppo=ppo)
+
+
+def _method_config_class(name: str, source: str) -> type[AdapterConfig]:
+    """The config class of method `name`: a built-in one read without torch (peftlab.methods.config_class), one
+    registered from elsewhere from the registry (which imports every built-in method, and so torch)."""
+    cls = config_class(name) if isinstance(name, str) else None
+    if cls is not None:
+        return cls
+    known = registered_names(load=False)  # registered by the user's own code; the built-in ones are not loaded
+    if name not in known:  # answered without loading every method (and torch)
+        raise ConfigError(f"{source}: {no_method_message(name, sorted(set(builtin_names()) | set(known)))}")
+    return get_method(name).config_cls
 
 
 def _auto_is_fp32() -> bool:

@@ -38,10 +38,7 @@ from ..core.config import ConfigError
 from ..core.layer import AdapterLayer
 from ..core.modules_to_save import ModulesToSaveWrapper
 from ..kernels.chunked_ce import chunked_linear_cross_entropy
-
-CHUNKED_LOSS_MODES = ["auto", "on", "off"]
-CHUNKED_LOSS_TASKS = ("causal_lm", "sft")
-"""Tasks whose loss is next-token cross-entropy over the lm_head's logits (tasks.py: Task.chunkable)."""
+from .config import CHUNKED_LOSS_MODES, CHUNKED_LOSS_TASKS  # noqa: F401  (checked by the run config, torch-free)
 
 # Config attributes under which transformers' causal LMs change the logits after the lm_head, each with the value
 # that changes nothing: tanh soft-capping (Gemma 2/3, Nanochat, ...), scaling (Cohere, Granite, Falcon-H1, ...),

@@ -15,13 +15,16 @@ and every save (checkpoints, the final adapter) gathers the adapter whole.
 
 Data order is a function of (seed, epoch) only, so the position in the data is just the step number:
 a checkpoint stores the step, and `--resume` continues to the same final adapter as an uninterrupted run.
+
+`train()` also dispatches what this loop does not run: task ppo (ppo/, its own loop) and methods that take over a
+run (Method.run: features, icl), which get a method_run.MethodRun. Shared by every trainer: optim.py (Accelerator,
+AdamW groups, schedule), guards.py (non-finite stops), metrics_log.py (metrics.jsonl), model_card.py (README.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,133 +33,30 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from ..core.config import ConfigError
 from ..core.method import method_for_config
-from ..core.model import PeftModel, get_peft_model, trainable_parameters_line
+from ..core.model import get_peft_model, trainable_parameters_line
 from ..data import Collator, encode_rows, example_length, load_splits
-from ..io import adapter_files
+from ..data.templates import save_adapter_template
 from ..io.atomic import atomic_write_text, remove_folder
 from ..io.lock import folder_lock
-from ..models.dtype import native_cpu
-from .model_loading import load_tokenizer_and_model
-from .sources import resolve_shipped
+from . import ppo
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import RunConfig
 from .fsdp import Sharding
-from .model_card import write_model_card
-from .prepare import PrepareRun
+from .guards import TrainingDivergedError, check_weights_finite, diverged_error, non_finite_step
 from .lm_loss import describe_lm_loss
+from .method_run import MethodRun
+from .metrics_log import MetricsLogger
+from .model_card import format_before_after, write_model_card
+from .model_loading import load_tokenizer_and_model
+from .optim import adamw_with_schedule, lr_lambda, new_accelerator, param_groups_with_decay, resolve_precision
+from .prepare import PrepareRun
+from .sources import resolve_shipped
 from .tasks import TASK_TABLE, Task, summarise_eval
-
-
-def resolve_precision(precision: str) -> str:
-    """Accelerate's mixed_precision value. auto: bf16 where it is fast (measured here: a LoRA step on
-    SmolLM2 ran 1.6x faster under bf16 autocast than fp32 on a CPU with AVX512-BF16), else fp32."""
-    if precision == "fp32":
-        return "no"
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if native_cpu(torch.bfloat16) else "no"
-
-
-def new_accelerator(precision: str) -> Accelerator:
-    """The run's Accelerator (mixed precision from `precision`; cpu=True without CUDA, so that under `accelerate
-    launch --num_processes N` Accelerate sets up gloo across the N processes instead of each training alone).
-
-    Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed_precision
-    ("AcceleratorState has already been initialized"): a notebook that ran transformers' Trainer (which makes one
-    with precision "no") could then never run a bf16 peftlab run. A state left by an earlier Accelerator that asked
-    for other precision is dropped first; the process group (PartialState) is kept, so launched runs are unchanged."""
-    mixed = resolve_precision(precision)
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed:
-        AcceleratorState._reset_state()  # accelerate's own reset (its tests use it); not the process group
-    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
-
-
-def param_groups_with_decay(peft_model: PeftModel, lr: float, weight_decay: float) -> list[dict]:
-    """The methods' parameter groups, each split so that 1-D tensors (biases, norm weights, scaling vectors)
-    get no weight decay: decaying them pulls scales towards 0, which is not regularisation. A group whose method
-    set its own `weight_decay` keeps it (IA3's (1, d)-shaped scaling vectors must not decay towards 0 either)."""
-    groups = []
-    for group in peft_model.optimizer_param_groups(lr):
-        params = group.pop("params")
-        group_decay = group.pop("weight_decay", weight_decay)
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        if decay:
-            groups.append({**group, "params": decay, "weight_decay": group_decay})
-        if no_decay:
-            groups.append({**group, "params": no_decay, "weight_decay": 0.0})
-    return groups
-
-
-def lr_lambda(schedule: str, warmup: int, total: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-        return 1.0
-    return factor
-
-
-class TrainingDivergedError(RuntimeError):
-    """The loss or the gradients became NaN/inf: the run stopped before that step changed any weight."""
-
-
-# ---- non-finite guards (this loop and ppo.py's) ---------------------------------------------------------------
-
-def non_finite_step(loss: torch.Tensor, grad_norm, params, accelerator) -> str | None:
-    """'the loss is X, the gradients Y' when the step's loss or gradients hold NaN/inf, else None; every process
-    decides alike. `grad_norm`: what clipping returned (None without clipping: then the gradients of `params` are
-    checked directly, one pass over the few trained tensors; under FSDP each process checks its shards)."""
-    acc = accelerator
-    if grad_norm is not None:
-        grads_ok = torch.isfinite(torch.as_tensor(grad_norm, device=acc.device).float()).all()
-    else:
-        grads = [p.grad for p in params if p.grad is not None]
-        grads = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
-        grads_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
-    bad = (~(torch.isfinite(loss.detach()).all() & grads_ok.to(loss.device))).float()
-    if acc.num_processes > 1:
-        bad = acc.reduce(bad, "sum")
-    if not bool(bad > 0):
-        return None
-    norm = f"{float(grad_norm):g}" if grad_norm is not None else ("finite" if bool(grads_ok) else "NaN/inf")
-    return f"the loss is {float(loss.detach()):g}, the gradients {norm}"
-
-
-def check_weights_finite(tensors: dict[str, torch.Tensor], step: int, cfg, checkpoint_root: str) -> None:
-    """Before a checkpoint or an adapter is written: finite gradients times a huge learning rate still overflow the
-    weights."""
-    try:
-        adapter_files.check_finite(tensors, "the trained weights")
-    except adapter_files.AdapterFileError:
-        raise diverged_error("the trained weights hold NaN/inf values", step, cfg, checkpoint_root) from None
-
-
-def diverged_error(what: str, step: int, cfg, checkpoint_root: str) -> TrainingDivergedError:
-    """The one-line error of a run stopped at `step`: what went non-finite, the likely cause (the learning rate)
-    with a value to try, and the last checkpoint under `checkpoint_root` (all kept: none holds the bad step)."""
-    hint = f"lower train.lr (now {cfg.lr:g}; e.g. train.lr={cfg.lr / 10:g})"
-    if cfg.max_grad_norm is None:
-        hint += " or set train.max_grad_norm=1.0"
-    if cfg.precision == "fp16":
-        hint += ", or use train.precision=bf16/fp32 (fp16 overflows)"
-    found = list_checkpoints(checkpoint_root)
-    kept = (f"the last good checkpoint is {found[-1]} (continue from it with --resume once the config is fixed)"
-            if found else "no checkpoint was saved before it")
-    return TrainingDivergedError(
-        f"training diverged at step {step}: {what}. The likely cause is a learning rate too high: {hint}. "
-        f"Nothing of step {step} or after was saved; {kept}.")
+from .trackers import RunTrackers
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -211,7 +111,7 @@ class Trainer:
                 base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
             base.config.use_cache = False
         self.peft_model = get_peft_model(base, method_config)
-        moving = self.peft_model._trains_base_in_place(self.peft_model.active_adapters)
+        moving = self.peft_model.trains_base_in_place(self.peft_model.active_adapters)
         if self.task.reference_is_base and moving:
             raise ConfigError(
                 f"task {run.task} uses the base model with adapters disabled as its reference, but method "
@@ -241,10 +141,8 @@ class Trainer:
         self.sharding.shard(self.peft_model)
         if self.sharding.active:
             self.log(self.sharding.describe(world))
-        self.optimizer = torch.optim.AdamW(param_groups_with_decay(self.peft_model, self.cfg.lr, self.cfg.weight_decay))
-        warmup = self.cfg.warmup_steps or int(self.cfg.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.cfg.scheduler, warmup, self.total_steps))
+        self.optimizer, self.scheduler = adamw_with_schedule(
+            param_groups_with_decay(self.peft_model, self.cfg.lr, self.cfg.weight_decay), self.cfg, self.total_steps)
         if self.sharding.mode == "torch":  # already sharded: Accelerate would wrap it in DDP on top
             self.model = self.peft_model
         else:
@@ -402,7 +300,8 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         main = acc.is_main_process
         os.makedirs(cfg.output_dir, exist_ok=True)
-        logger = _MetricsLogger(cfg.output_dir, cfg.tensorboard and main) if main else None
+        # metrics.jsonl, and the same records to train.report_to's trackers (TensorBoard included: trackers.py)
+        logger = RunTrackers(self.run, MetricsLogger(cfg.output_dir, False), self.log) if main else None
         before = self.evaluate() if self.state.step == 0 else None
         if before and logger:
             logger.write({"step": 0, "split": "eval", **before})
@@ -458,6 +357,7 @@ class Trainer:
             self._check_weights_finite()
             if main:
                 self.peft_model.save_pretrained(result["adapter_dir"])
+                save_adapter_template(result["adapter_dir"], self.run.data.chat_template)  # data/templates.py
         if main:
             write_model_card(result["adapter_dir"], self.run, result)
             saved = self.run.to_dict()
@@ -468,36 +368,6 @@ class Trainer:
             atomic_write_text(os.path.join(cfg.output_dir, "run_config.yaml"), yaml.safe_dump(saved, sort_keys=False))
         acc.wait_for_everyone()
         return result
-
-
-class _MetricsLogger:
-    """metrics.jsonl (one JSON object per line) and, if available, TensorBoard scalars."""
-
-    def __init__(self, output_dir: str, tensorboard: bool) -> None:
-        self.fh = open(os.path.join(output_dir, "metrics.jsonl"), "a", encoding="utf-8")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
-            except ImportError:  # tensorboard is optional; metrics.jsonl has the same numbers
-                self.tb = None
-
-    def write(self, record: dict) -> None:
-        # NaN/inf written by json.dumps are not JSON (`NaN` is a JavaScript literal): such a value becomes null.
-        record = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-        self.fh.write(json.dumps(record, allow_nan=False) + "\n")
-        self.fh.flush()
-        if self.tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "split") and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{record['split']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        self.fh.close()
-        if self.tb is not None:
-            self.tb.close()
 
 
 # What a run leaves in its output folder: a folder holding any of these holds (part of) an earlier run.
@@ -531,28 +401,20 @@ def train(run: RunConfig, resume: bool = False, log=print, overwrite: bool = Fal
 
 
 def _train(run: RunConfig, resume: bool, log) -> dict:
-    if run.task == "ppo":  # rollouts + PPO updates: its own loop (ppo.py)
-        from .ppo import train_ppo
-
-        return train_ppo(run, resume=resume, log=log)
+    if run.task == "ppo":  # rollouts + PPO updates: its own loop (ppo/); looked up on the package at call time
+        return ppo.train_ppo(run, resume=resume, log=log)
     method = method_for_config(run.method)
-    if method.run is not None:  # not trained by gradient steps (features, icl): the method does the whole run
-        if resume:
+    if method.run is not None:  # not trained by gradient steps (features, icl): the method does the whole run,
+        if resume:             # through the context train hands it (method_run.py)
             log(f"{run.method_name} keeps no checkpoints (no training steps); running it again (cached embeddings "
                 "are reused)")
-        return method.run(run, log)
+        return method.run(MethodRun(run, log))
     trainer = Trainer(run, log=log)
     if resume:
         trainer.resume()
     return trainer.fit()
 
 
-def format_before_after(result: dict) -> str:
-    """A small markdown table of the eval metrics before and after training."""
-    before, after = result["before"] or {}, result["after"]
-    keys = [k for k in after if isinstance(after[k], float)]
-    rows = ["| metric | before | after |", "|---|---|---|"]
-    for k in keys:
-        b = f"{before[k]:.4f}" if k in before else "-"
-        rows.append(f"| {k} | {b} | {after[k]:.4f} |")
-    return "\n".join(rows)
+# Re-exported: the helpers that lived here before optim.py / guards.py / model_card.py held them.
+__all__ = ["RUN_OUTPUTS", "RunState", "Trainer", "TrainingDivergedError", "format_before_after", "lr_lambda",
+           "new_accelerator", "param_groups_with_decay", "resolve_precision", "train"]

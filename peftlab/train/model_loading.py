@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import transformers
 
 from ..core.method import method_for_config
@@ -41,13 +39,3 @@ def load_tokenizer_and_model(name_or_path: str, auto_model: str, label_names: li
               "and saved with the adapter (modules_to_save)")
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
-
-
-@contextlib.contextmanager
-def _transformers_verbosity(level: int):
-    before = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity(level)
-    try:
-        yield
-    finally:
-        transformers.logging.set_verbosity(before)

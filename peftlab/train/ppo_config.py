@@ -1,5 +1,5 @@
 """The `ppo:` section of a `task: ppo` run (its own module so that reading a run config does not import the PPO loop).
-The loop itself is peftlab/train/ppo.py."""
+The loop itself is peftlab/train/ppo/ (trainer.py)."""
 
 from __future__ import annotations
 

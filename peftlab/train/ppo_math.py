@@ -7,7 +7,7 @@ padding after. Every per-token tensor is aligned with the response tokens: at in
     logp[b, t]   = log pi(a_t | s_t), the policy's log-probability of response token t given everything before it
     values[b, t] = V(s_t), the value of the state just before token t is chosen
 
-Used by peftlab/train/ppo.py; tests/test_ppo.py checks each function against a hand computation.
+Used by peftlab/train/ppo/ (trainer.py); tests/test_ppo.py checks each function against a hand computation.
 
 References: Schulman et al. 2017 (PPO, clipped surrogate), Schulman et al. 2016 (GAE), Ziegler et al. 2019 and
 Ouyang et al. 2022 (RLHF: a per-token KL penalty to the initial model, the reward model's score at the end).

@@ -25,21 +25,20 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..core.config import ConfigError
 from ..io.atomic import atomic_write_text
-
-if TYPE_CHECKING:
-    from .loop import Trainer
+from .optim import adamw_with_schedule, param_groups_with_decay
 
 
 class PrepareRun:
     """The run as a `Method.prepare` hook sees it (see the module docstring)."""
 
-    def __init__(self, trainer: "Trainer") -> None:
+    def __init__(self, trainer) -> None:
+        """`trainer`: the loop's Trainer (loop.py), read for its rows, collator, task, config and accelerator."""
         self._trainer = trainer
         self.train_rows: int = len(trainer.train_examples)
         """How many training rows (examples after encoding and packing) the run has."""
@@ -92,8 +91,6 @@ class PrepareRun:
     def train(self, steps: int, rows: Sequence[int]) -> list[float]:
         """Take `steps` optimizer steps on `rows` (see the module docstring). Returns each step's loss (mean over the
         step's trained units: tokens, or examples for classification)."""
-        from .loop import lr_lambda, param_groups_with_decay
-
         t, cfg, acc = self._trainer, self._trainer.cfg, self._trainer.accelerator
         rows = list(rows)
         gb = self.global_batch
@@ -109,9 +106,7 @@ class PrepareRun:
                 "(accelerate launch --multi_gpu) or on one process.")
         model = t.peft_model.to(acc.device)
         world, rank, bs = acc.num_processes, acc.process_index, cfg.batch_size
-        optimizer = torch.optim.AdamW(param_groups_with_decay(model, cfg.lr, cfg.weight_decay))
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.scheduler, warmup, steps))
+        optimizer, scheduler = adamw_with_schedule(param_groups_with_decay(model, cfg.lr, cfg.weight_decay), cfg, steps)
         # fp16 autocast needs loss scaling (what Accelerate's own optimizer wrapper would do); bf16 and fp32 do not.
         scaler = torch.amp.GradScaler(acc.device.type) if acc.mixed_precision == "fp16" else None
         trainable = [p for p in model.parameters() if p.requires_grad]

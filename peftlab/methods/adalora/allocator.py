@@ -36,7 +36,7 @@ from .layer import TRIPLET, SVDLinear, kept_triplets, rank_pattern_key
 
 def adapter_layers(model, adapter_name: str) -> list[tuple[str, SVDLinear]]:
     """(module path, layer) of every AdaLoRA layer carrying `adapter_name`, in module order."""
-    return [(path, layer) for path, layer in model._adapter_layers()
+    return [(path, layer) for path, layer in model.adapter_layers()
             if isinstance(layer, SVDLinear) and adapter_name in layer.adapter_names]
 
 

@@ -7,23 +7,12 @@ config is refused with the model type named.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from torch import nn
 
-from ...core.config import AdapterConfig, ConfigError
+from ...core.config import ConfigError
 from ...core.method import Method, register
 from ...core.targets import matches
-
-
-@dataclass
-class BitFitConfig(AdapterConfig):
-    """BitFit: the biases of the base model train, nothing else (a SEQ_CLS head trains too, as modules_to_save).
-    `target_modules` narrows which modules' biases train (same matching rules as for adapters; None: all of them,
-    e.g. ["query", "intermediate.dense"] is the paper's two-bias subset on BERT); `exclude_modules` removes some."""
-
-    peft_type: ClassVar[str] = "BITFIT"
+from .config import BitFitConfig
 
 
 def bias_parameters(model: nn.Module, config: BitFitConfig) -> dict[str, nn.Parameter]:

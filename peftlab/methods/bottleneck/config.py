@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import nn
-
 from ...core.config import AdapterConfig, check_choice, check_number
 
-# non_linearity -> the activation module the layer builds (GELU: the exact erf form, as BERT's).
-ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+# non_linearity -> the torch.nn activation class the layer builds (GELU: the exact erf form, as BERT's), by name so
+# that the config imports no torch.
+ACTIVATIONS = {"relu": "ReLU", "gelu": "GELU", "silu": "SiLU", "tanh": "Tanh"}
 # The placements; which modules each one means per architecture is the PLACEMENTS table in __init__.py.
 PLACEMENT_NAMES = ["houlsby", "pfeiffer"]
 

@@ -70,7 +70,7 @@ class BottleneckLinear(AdapterLayer):
         nn.init.zeros_(up.bias)
         self.adapter_down[adapter_name] = down
         self.adapter_up[adapter_name] = up
-        self.adapter_act[adapter_name] = ACTIVATIONS[config.non_linearity]()
+        self.adapter_act[adapter_name] = getattr(nn, ACTIVATIONS[config.non_linearity])()
         self.adapter_dropout[adapter_name] = (nn.Dropout(config.adapter_dropout) if config.adapter_dropout > 0
                                               else nn.Identity())
 

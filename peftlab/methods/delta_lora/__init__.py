@@ -47,7 +47,7 @@ from .layer import DeltaLoraLinear
 
 
 def _layers(model, adapter_name: str) -> list[tuple[str, DeltaLoraLinear]]:
-    return [(path, layer) for path, layer in model._adapter_layers()
+    return [(path, layer) for path, layer in model.adapter_layers()
             if isinstance(layer, DeltaLoraLinear) and adapter_name in layer.adapter_names]
 
 

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...kernels.dora_linear import fused_dora_linear
-from ...kernels.switch import fused_adapter
+from ..lora.fused import fused_adapter
 from ..lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 
 
@@ -190,7 +190,7 @@ class DoraLinear(DoraLayer, LoraLinear):
     adapter_containers = LoraLinear.adapter_containers + ("lora_magnitude_vector", "merge_norms")
 
     def _fused_adapter(self, args: tuple, kwargs: dict) -> str | None:
-        """The adapter the fused DoRA node can run alone, or None: kernels/switch.py's conditions for the fused LoRA
+        """The adapter the fused DoRA node can run alone, or None: lora/fused.py's conditions for the fused LoRA
         linear (switch on, no extra arguments, plain nn.Linear base, one live adapter, no dropout at work), and no
         adapter merged (forward's n is that of the unmerged weight, which the base layer then no longer holds)."""
         if self.merged_adapters or type(self.base_layer) is not nn.Linear or self.fan_in_fan_out:

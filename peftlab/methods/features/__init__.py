@@ -1,15 +1,17 @@
 """Feature extraction + logistic regression: the classic baseline that trains no part of the network.
 
     x_i = pool(h^(layer)(text_i))        the frozen base model's hidden states of one layer, pooled to (H,)
-                                          (mean over real tokens | last real token | first token; peftlab.retrieval)
+                                          (mean over real tokens | last real token | first token;
+                                          peftlab/methods/embeddings.py)
     z_i = (x_i - mu) / s                 standardised with the train rows' mean and standard deviation
     p(y | x) = softmax(W z + b)          multinomial logistic regression, L2 penalty 1 / (2C) ||W||^2, fitted by
                                           scikit-learn (L-BFGS); two classes: one row w, p(1 | x) = sigmoid(w z + b)
 
-Features are computed once per (model files, tokenizer, texts, max_length, pooling, layer, precision) and cached as
-a safetensors file (peftlab.retrieval.cached_embeddings), so trying other values of C or class_weight re-reads them
-instead of running the model again. Reported like the training loop: eval `loss` (log-loss: mean -log p(true label),
-natural log), `accuracy`, `macro_f1` (peftlab.train.tasks.classification_metrics).
+Features are computed once per (model files, tokenizer, texts, max_length, pooling, layer, weight dtype, precision)
+and cached as a safetensors file (peftlab.methods.embeddings.cached_embeddings), so trying other values of C or
+class_weight re-reads them instead of running the model again. A run loads the base in its model.dtype. Reported like
+the training loop: eval `loss` (log-loss: mean -log p(true label), natural log), `accuracy`, `macro_f1` (scikit-learn's,
+as the loop's classification eval defines them).
 
 Where. `peftlab train` with `method: {name: features, pooling: mean, C: 1.0}` and `task: classify` (the Method's
 `run` hook takes over the run: no optimizer steps). It writes output_dir/metrics.jsonl (one eval record),

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.config import AdapterConfig, ConfigError, check_choice, check_number
-from ...retrieval import POOLINGS
 
 CLASS_WEIGHTS = [None, "balanced"]
 
@@ -53,6 +52,8 @@ class FeaturesConfig(AdapterConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         name = type(self).__name__
+        from ..embeddings import POOLINGS  # here, not at the top: embeddings imports torch, and configs do not
+
         if self.pooling not in POOLINGS:
             raise ConfigError(f"{name}.pooling={self.pooling!r} is not valid; use one of: {', '.join(POOLINGS)} "
                               f"(mean over real tokens, last real token, cls = first token).")

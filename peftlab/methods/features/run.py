@@ -1,5 +1,6 @@
-"""Features + logistic regression end to end: the `peftlab train` run (`run`), fitting in Python (`fit_features`),
-and loading a saved folder to classify new texts (`load` -> FeaturesClassifier.predict)."""
+"""Features + logistic regression end to end: the `peftlab train` run (`run`, given its run by the training layer),
+fitting in Python (`fit_features`), and loading a saved folder to classify new texts (`load` ->
+FeaturesClassifier.predict)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from collections.abc import Sequence
 import torch
 
 from ...core.config import CONFIG_NAME, ConfigError
-from ...retrieval import (EmbedStats, cached_embeddings, embed_ids, model_fingerprint, texts_digest,
-                          tokenize_texts, tokenizer_fingerprint)
 from .. import baseline_run
+from ..embeddings import (EmbedStats, cached_embeddings, embed_ids, model_fingerprint, texts_digest, tokenize_texts,
+                          tokenizer_fingerprint)
 from .classifier import CLASSIFIER_FILE, LABELS_FILE, LinearProbe, fit_probe
 from .config import FeaturesConfig
 
@@ -23,8 +24,8 @@ DEFAULT_MAX_LENGTH = 512  # when neither the config nor a run gives one (DataCon
 def extract_features(model, tokenizer, texts: Sequence[str], config: FeaturesConfig, *, model_path: str,
                      autocast_dtype: torch.dtype | None = None, stats: EmbedStats | None = None) -> torch.Tensor:
     """(N, H) float32 pooled hidden states of `texts`, read from the cache when the same model files, tokenizer,
-    texts, max_length, pooling, layer and precision were embedded before. `model_path`: the folder (or hub id) the
-    model was loaded from, which identifies its weights in the cache key."""
+    texts, max_length, pooling, layer, weight dtype and precision were embedded before. `model_path`: the folder (or hub
+    id) the model was loaded from, which identifies its weights in the cache key."""
     max_length = config.max_length or DEFAULT_MAX_LENGTH
     texts = list(texts)
 
@@ -37,6 +38,9 @@ def extract_features(model, tokenizer, texts: Sequence[str], config: FeaturesCon
              "tokenizer": tokenizer_fingerprint(tokenizer), "texts": texts_digest(texts), "n": len(texts),
              "max_length": max_length, "pooling": config.pooling, "layer": config.layer,
              "autocast": str(autocast_dtype)}
+    weights = next(model.parameters()).dtype
+    if weights != torch.float32:  # a base loaded in 16 bits embeds differently; fp32 keys stay as they were
+        parts["dtype"] = str(weights)
     return cached_embeddings(config.cache_dir, parts, compute, stats)
 
 
@@ -81,19 +85,6 @@ class FeaturesClassifier:
         self.probe.save(folder)
 
 
-def _load_base(model_name_or_path: str):
-    import transformers
-
-    from ...models import resolve_model
-    from ...train.model_loading import _transformers_verbosity, load_tokenizer_and_model
-
-    # AutoModel drops the checkpoint's head (lm_head, classifier): transformers reports those weights as unexpected in
-    # a table; that is what we ask for, so keep its log to errors.
-    with _transformers_verbosity(transformers.logging.ERROR):
-        tokenizer, model = load_tokenizer_and_model(model_name_or_path, "AutoModel")
-    return tokenizer, model.to(baseline_run.device()).eval(), resolve_model(model_name_or_path)
-
-
 def fit_features(model_name_or_path: str, texts: Sequence[str], labels: Sequence[str],
                  config: FeaturesConfig | None = None, label_names: list[str] | None = None) -> FeaturesClassifier:
     """Fit a probe in Python: `labels` are label names, one per text; `label_names` fixes the class order (default:
@@ -105,7 +96,7 @@ def fit_features(model_name_or_path: str, texts: Sequence[str], labels: Sequence
         raise ConfigError(f"labels {unknown} are not in label_names {names}.")
     config = dataclasses.replace(config, base_model_name_or_path=model_name_or_path,
                                  max_length=config.max_length or DEFAULT_MAX_LENGTH)
-    tokenizer, model, path = _load_base(model_name_or_path)
+    tokenizer, model, path = baseline_run.load_frozen_base(model_name_or_path, "AutoModel")
     X = extract_features(model, tokenizer, texts, config, model_path=path)
     _check_not_constant(X, config)
     y = torch.tensor([names.index(lab) for lab in labels])
@@ -121,25 +112,26 @@ def load(folder: str, model=None, tokenizer=None) -> FeaturesClassifier:
     base = config.base_model_name_or_path
     if model is None or tokenizer is None:
         if not base:
-            raise ConfigError(f"{os.path.join(folder, CONFIG_NAME)} names no base model (base_model_name_or_path); pass model= and tokenizer=.")
-        tokenizer, model, model_path = _load_base(base)
+            raise ConfigError(f"{os.path.join(folder, CONFIG_NAME)} names no base model (base_model_name_or_path); "
+                              "pass model= and tokenizer=.")
+        tokenizer, model, model_path = baseline_run.load_frozen_base(base, "AutoModel")
     else:
         model_path = base or type(model).__name__
     return FeaturesClassifier(config, probe, model, tokenizer, model_path)
 
 
-def run(run_config, log=print) -> dict:
-    """`peftlab train` with method: features (Method.run): embed train and eval rows with the frozen base model
-    (cached), fit the probe on the train rows, evaluate on the eval rows, write the run folder."""
-    from ...train.tasks import classification_metrics
-
-    splits = baseline_run.classify_splits(run_config, "features")
+def run(ctx) -> dict:
+    """`peftlab train` with method: features (Method.run; `ctx`: the run, peftlab.train.method_run.MethodRun): embed
+    train and eval rows with the frozen base model in the run's dtype (cached), fit the probe on the train rows,
+    evaluate on the eval rows, hand the results to the run folder's writer."""
+    run_config, log = ctx.run, ctx.log
+    splits = ctx.classify_splits("features")
     config = dataclasses.replace(run_config.method, base_model_name_or_path=run_config.model,
                                  max_length=run_config.method.max_length or run_config.data.max_length)
     label_names = splits.labels
     label2id = splits.label2id
-    tokenizer, model, model_path = _load_base(run_config.model)
-    autocast = baseline_run.autocast_dtype(run_config.train.precision)
+    tokenizer, model, model_path = baseline_run.load_frozen_base(run_config.model, "AutoModel", ctx.base_dtype)
+    autocast = ctx.autocast_dtype
     train_stats, eval_stats = EmbedStats(), EmbedStats()
     start = time.perf_counter()
     X_train = extract_features(model, tokenizer, [r["text"] for r in splits.train], config, model_path=model_path,
@@ -159,10 +151,9 @@ def run(run_config, log=print) -> dict:
     y_eval = torch.tensor([label2id[r["label"]] for r in splits.eval])
     log_probs = probe.log_probs(X_eval)
     after = {"loss": float(-log_probs[torch.arange(len(y_eval)), y_eval].mean()),
-             **classification_metrics(log_probs.argmax(1).tolist(), y_eval.tolist(), len(label_names))}
+             **baseline_run.classification_metrics(log_probs.argmax(1).tolist(), y_eval.tolist(), len(label_names))}
 
-    out = run_config.train.output_dir
-    adapter_dir = os.path.join(out, "adapter")
+    adapter_dir = ctx.adapter_dir
     classifier = FeaturesClassifier(config, probe, model, tokenizer, model_path)
     tokens = train_stats.tokens + eval_stats.tokens
     seconds = train_stats.seconds + eval_stats.seconds
@@ -183,6 +174,6 @@ def run(run_config, log=print) -> dict:
     usage = (f"from peftlab.methods.features import load\nclf = load({adapter_dir!r})  # loads {run_config.model}\n"
              f"clf.predict([\"some text\"])  # -> label names {label_names[:4]}; predict_proba gives probabilities")
     records = [baseline_run.eval_record(after, "after")]
-    baseline_run.write_run_folder(run_config, config, result, records, usage, [note], classifier.write_files)
+    ctx.write_outputs(result, records, classifier.write_files, usage, baseline_run.method_options(config))
     log(f"features: eval loss {after['loss']:.4f}, accuracy {after['accuracy']:.4f}, macro-F1 {after['macro_f1']:.4f}")
     return result

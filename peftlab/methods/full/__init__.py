@@ -7,22 +7,11 @@ A task head (SEQ_CLS's new classifier) is a modules_to_save copy like for every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
-
 from torch import nn
 
-from ...core.config import AdapterConfig
 from ...core.method import Method, register
 from ...core.targets import matches
-
-
-@dataclass
-class FullConfig(AdapterConfig):
-    """Full fine-tuning: all parameters train (minus `exclude_modules`). Memory: AdamW keeps two fp32 moments per
-    parameter, so training needs about 4x the fp32 model (weights, gradients, 2 moments): ~2.2 GB for SmolLM2-135M."""
-
-    peft_type: ClassVar[str] = "FULL"
+from .config import FullConfig
 
 
 def all_parameters(model: nn.Module, config: FullConfig) -> dict[str, nn.Parameter]:

@@ -9,8 +9,6 @@ untied by the copy: only the output side trains.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import ClassVar
 
 from torch import nn
 
@@ -18,14 +16,7 @@ from ...core.config import AdapterConfig, ConfigError, TaskType
 from ...core.method import Method, register
 from ...core.model import TASK_HEADS
 from ...core.targets import output_head_names
-
-
-@dataclass
-class HeadOnlyConfig(AdapterConfig):
-    """Only the output layer trains (a copy of it, saved as modules_to_save). The head is found from the model:
-    the task's head for SEQ_CLS/TOKEN_CLS/QUESTION_ANS, else `get_output_embeddings()` (lm_head)."""
-
-    peft_type: ClassVar[str] = "HEAD_ONLY"
+from .config import HeadOnlyConfig
 
 
 def head_path(model: nn.Module, task_type) -> list[str]:

@@ -13,7 +13,7 @@ language-modelling head (AutoModelForCausalLM), not a classification head.
 
 Demonstrations: random (per query, seeded by (seed, query text); balanced: k of each label, shuffled) or retrieved
 (the k training rows nearest the query by cosine similarity of all-MiniLM-L6-v2 embeddings, exact search, the most
-similar last; peftlab.retrieval). Retrieval embeds the training rows once and caches them on disk (8,530 Rotten
+similar last; retrieval.py). Retrieval embeds the training rows once and caches them on disk (8,530 Rotten
 Tomatoes reviews: one MiniLM pass, 13 MB of vectors).
 
 Where. `peftlab train` with `method: {name: icl, k: 4, example_format: "Review: {text}\\nSentiment: {label}"}` and

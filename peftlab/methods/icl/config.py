@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.config import AdapterConfig, ConfigError, check_choice, check_number
-from ...retrieval import MINILM_PIP, minilm_installed
+from .minilm import MINILM_PIP, minilm_installed  # torch-free: configs are checked before torch is imported
 
 DEMONSTRATIONS = ["random", "retrieved"]
 

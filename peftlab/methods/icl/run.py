@@ -1,5 +1,5 @@
 """In-context classification end to end: `IclClassifier` (prompts -> label scores -> labels), `load` for a saved
-folder, and the `peftlab train` run (`run`)."""
+folder, and the `peftlab train` run (`run`, given its run by the training layer)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ import torch
 
 from ...core.config import CONFIG_NAME, ConfigError
 from ...io.atomic import atomic_write_text
-from ...retrieval import CosineIndex, EmbedStats, MiniLM
 from .. import baseline_run
+from ..embeddings import EmbedStats
 from .config import IclConfig
 from .prompts import PromptBuilder, select_random
+from .retrieval import CosineIndex, MiniLM
 from .scoring import ScoreStats, score_continuations
 
 POOL_FILE = "demonstrations.jsonl"
@@ -103,13 +104,12 @@ class IclClassifier:
                  stats: ScoreStats | None = None) -> tuple[dict, torch.Tensor]:
         """({loss, accuracy, macro_f1} as the training loop reports them, the scores (N, L)). loss: mean over rows of
         -log softmax(scores)[true label], the label choice's cross-entropy."""
-        from ...train.tasks import classification_metrics
-
         sums, counts = self.label_scores(texts, k, stats)
         scores = self.scores(sums, counts)
         y = torch.tensor([self.labels.index(lab) for lab in labels])
         loss = float(-torch.log_softmax(scores, dim=1)[torch.arange(len(y)), y].mean())
-        return {"loss": loss, **classification_metrics(scores.argmax(1).tolist(), y.tolist(), len(self.labels))}, scores
+        metrics = baseline_run.classification_metrics(scores.argmax(1).tolist(), y.tolist(), len(self.labels))
+        return {"loss": loss, **metrics}, scores
 
     # ---- files -----------------------------------------------------------------------------------------------------
 
@@ -126,13 +126,6 @@ class IclClassifier:
             atomic_write_text(os.path.join(folder, POOL_FILE), lines)
 
 
-def _load_causal(model_name_or_path: str):
-    from ...train.model_loading import load_tokenizer_and_model
-
-    tokenizer, model = load_tokenizer_and_model(model_name_or_path, "AutoModelForCausalLM")
-    return tokenizer, model.to(baseline_run.device()).eval()
-
-
 def load(folder: str, model=None, tokenizer=None) -> IclClassifier:
     """A saved icl folder as a classifier; the base model named in adapter_config.json is loaded unless `model` and
     `tokenizer` are given."""
@@ -145,22 +138,26 @@ def load(folder: str, model=None, tokenizer=None) -> IclClassifier:
             pool = [(r["text"], r["label"]) for r in map(json.loads, fh)]
     if model is None or tokenizer is None:
         if not config.base_model_name_or_path:
-            raise ConfigError(f"{os.path.join(folder, CONFIG_NAME)} names no base model (base_model_name_or_path); pass model= and tokenizer=.")
-        tokenizer, model = _load_causal(config.base_model_name_or_path)
+            raise ConfigError(f"{os.path.join(folder, CONFIG_NAME)} names no base model (base_model_name_or_path); "
+                              "pass model= and tokenizer=.")
+        tokenizer, model, _ = baseline_run.load_frozen_base(config.base_model_name_or_path,
+                                                            "AutoModelForCausalLM")
     return IclClassifier(config, labels, model, tokenizer, pool)
 
 
-def run(run_config, log=print) -> dict:
-    """`peftlab train` with method: icl (Method.run): score every eval row k-shot (and zero-shot as `before` when
-    k > 0 and zero_shot_baseline), write the run folder."""
-    splits = baseline_run.classify_splits(run_config, "icl")
+def run(ctx) -> dict:
+    """`peftlab train` with method: icl (Method.run; `ctx`: the run, peftlab.train.method_run.MethodRun): score every
+    eval row k-shot (and zero-shot as `before` when k > 0 and zero_shot_baseline) with the base in the run's dtype,
+    hand the results to the run folder's writer."""
+    run_config, log = ctx.run, ctx.log
+    splits = ctx.classify_splits("icl")
     config = dataclasses.replace(run_config.method, base_model_name_or_path=run_config.model,
                                  max_length=run_config.method.max_length or run_config.data.max_length,
                                  seed=run_config.method.seed if run_config.method.seed is not None
                                  else run_config.train.seed)
-    tokenizer, model = _load_causal(run_config.model)
+    tokenizer, model, _ = baseline_run.load_frozen_base(run_config.model, "AutoModelForCausalLM", ctx.base_dtype)
     clf = IclClassifier(config, splits.labels, model, tokenizer, [(r["text"], r["label"]) for r in splits.train],
-                        autocast_dtype=baseline_run.autocast_dtype(run_config.train.precision))
+                        autocast_dtype=ctx.autocast_dtype)
     texts, gold = [r["text"] for r in splits.eval], [r["label"] for r in splits.eval]
     start = time.perf_counter()
     if config.k > 0 and config.demonstrations == "retrieved":
@@ -176,7 +173,7 @@ def run(run_config, log=print) -> dict:
     log(f"icl: {config.k}-shot accuracy {after['accuracy']:.4f}, macro-F1 {after['macro_f1']:.4f} "
         f"({stats.tokens:,} tokens in {stats.seconds:.1f} s)")
 
-    adapter_dir = os.path.join(run_config.train.output_dir, "adapter")
+    adapter_dir = ctx.adapter_dir
     example_text, example_conts = clf.prompts(texts[:1])[0]
     builder = clf.builder
     note = (f"## In-context learning\n\n{config.k}-shot ({config.demonstrations} demonstrations"
@@ -195,5 +192,4 @@ def run(run_config, log=print) -> dict:
               "eval_seconds": stats.seconds}
     usage = (f"from peftlab.methods.icl import load\nclf = load({adapter_dir!r})  # loads {run_config.model}\n"
              f"clf.predict([\"some text\"])  # -> label names {clf.labels[:4]}")
-    baseline_run.write_run_folder(run_config, config, result, records, usage, [note], clf.write_files)
-    return result
+    return ctx.write_outputs(result, records, clf.write_files, usage, baseline_run.method_options(config))

@@ -14,7 +14,7 @@ Two ways, same numbers (tests/test_method_icl.py checks both against a hand-writ
 - reuse_prompt=False: one forward per (prompt, label) pair over p + c: L (P + m) tokens per prompt.
 With L labels the saving is about L-fold for prompts much longer than the labels. Measured on SmolLM2-135M (fp32,
 1 thread of a 2-core CPU shared with other jobs, so the absolute times are slow), 32 Rotten Tomatoes rows, two
-one-token labels, batch 8 (`python -m peftlab.methods.icl.scoring --bench`):
+one-token labels, batch 8 (`python benchmarks/icl_scoring.py`):
     zero-shot, ~50-token prompts:  reuse 35 s (1,592 tokens forwarded)  vs  one per pair 80 s (3,248 tokens)
     4-shot, ~189-token prompts:    reuse 77 s (6,037 tokens)            vs  one per pair 162 s (12,138 tokens)
 i.e. time follows tokens forwarded, and reusing the prompt halves it for two labels.
@@ -164,37 +164,3 @@ def _score_each_pair(model, prompts, conts, pad_id, device, keep, stats) -> torc
             rows = torch.arange(K - m - 1, K - 1)
             sums[r] = logp[r, rows, torch.as_tensor(c)].sum()
     return sums.view(B, L)
-
-
-def _bench() -> None:  # pragma: no cover - a measurement, run by hand
-    """Time both modes on SmolLM2 and Rotten Tomatoes (the figures in the module docstring)."""
-    import json
-
-    from ...data.shipped import movie_reviews_jsonl
-    from ...train.model_loading import load_tokenizer_and_model
-    from .config import IclConfig
-    from .prompts import PromptBuilder, select_random
-
-    tok, model = load_tokenizer_and_model("smollm2", "AutoModelForCausalLM")
-    with open(movie_reviews_jsonl("rotten_tomatoes")) as fh:
-        rows = [json.loads(line) for line in fh][:232]
-    pool, queries = [(r["text"], r["label"]) for r in rows[32:]], rows[:32]
-    labels = ["negative", "positive"]
-    for k in (0, 4):
-        cfg = IclConfig(k=k, example_format="Review: {text}\nSentiment: {label}")
-        builder = PromptBuilder(cfg, labels, tok, max_length=64)
-        enc = [builder.encode(q["text"], select_random(pool, labels, k, False, 0, q["text"])) for q in queries]
-        for reuse in (True, False):
-            st = ScoreStats()
-            score_continuations(model, [e[0] for e in enc], [e[1] for e in enc], pad_id=tok.pad_token_id,
-                                batch_size=8, reuse_prompt=reuse, stats=st)
-            mean_len = sum(len(e[0]) for e in enc) / len(enc)
-            print(f"k={k} prompt ~{mean_len:.0f} tokens reuse_prompt={reuse}: {st.seconds:.1f} s, "
-                  f"{st.tokens} tokens, {st.forwards} forwards")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    if "--bench" in sys.argv:
-        _bench()

@@ -32,7 +32,7 @@ def combine_lora(model, adapters: list[str], weights: list[float], adapter_name:
             "Some of these adapters carry modules_to_save (e.g. a classifier head), which cannot be combined by "
             "weighting. Combine adapters without them, or average the heads yourself."
         )
-    layers = [(path, layer) for path, layer in model._adapter_layers() if any(a in layer.adapter_names for a in adapters)]
+    layers = [(path, layer) for path, layer in model.adapter_layers() if any(a in layer.adapter_names for a in adapters)]
     ranks = [[layer.r[a] for a in adapters if a in layer.r] for _, layer in layers]
     if combination_type == "linear":
         if any(len(set(rs)) > 1 for rs in ranks):

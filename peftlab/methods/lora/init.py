@@ -48,10 +48,12 @@ What rewriting the base weight means for files:
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 from torch import nn
+
+from .config import parse_init  # the value parser lives in config.py (torch-free)
+from .loftq import loftq_init
 
 
 def _identity_start(layer, name: str) -> None:
@@ -165,6 +167,8 @@ def _olora(layer, name: str) -> None:
     _write_residual(layer, W - (s * B_new) @ A_new)
 
 
+# Each row's name is also listed in config.INIT_SCHEMES (what LoraConfig accepts, checked without torch); the two
+# are kept equal by tests/test_layers.py.
 INITIALIZERS = {
     "default": _identity_start,
     "gaussian": _gaussian,
@@ -172,36 +176,18 @@ INITIALIZERS = {
     "pissa": _pissa,
     "pissa_niter": _pissa_fast,  # written "pissa_niter_<K>" (see NUMBERED)
     "olora": _olora,
+    "loftq": loftq_init,  # takes the config: see WITH_CONFIG
 }
 
-# Rows whose config value ends in "_<integer>" (PEFT's "pissa_niter_[number of iters]"): row -> the keyword the
-# number is passed as.
-NUMBERED = {"pissa_niter": "niter"}
+# Rows that read more of the config than init_lora_weights (LoftQ: loftq_config, a QLoRA config's block size); they
+# receive it as the keyword `config`.
+WITH_CONFIG = {"loftq"}
 
 
-def init_key(value: bool | str) -> str:
-    """Map the config value (PEFT's: True, False or a name) to a row of INITIALIZERS."""
-    return parse_init(value)[0]
-
-
-def parse_init(value: bool | str) -> tuple[str, dict[str, int]]:
-    """(row of INITIALIZERS, keyword arguments for it) for a config value. The row may not exist: callers check
-    it against INITIALIZERS (LoraConfig does, with `init_choices()` in its message)."""
-    if value is True:
-        return "default", {}
-    if value is False:
-        return "random", {}
-    if isinstance(value, str):
-        key = value.lower()
-        numbered = re.fullmatch(r"(?P<row>.+)_(?P<number>\d+)", key)
-        if numbered and numbered["row"] in NUMBERED:
-            return numbered["row"], {NUMBERED[numbered["row"]]: int(numbered["number"])}
-        if key in NUMBERED:
-            return f"{key}_<number>", {}  # the number is missing: no such row, so the caller reports it
-        return key, {}
-    raise TypeError(f"init_lora_weights must be True, False or a name, not {value!r}")
-
-
-def init_choices() -> list[bool | str]:
-    """The values `init_lora_weights` accepts, as users write them."""
-    return [True, False] + [f"{k}_<number>" if k in NUMBERED else k for k in INITIALIZERS]
+def initialise(layer, name: str, config) -> None:
+    """Fill adapter `name`'s A and B on `layer` as `config.init_lora_weights` says (the row, its number, the config
+    where the row reads it). Callers hold torch.no_grad()."""
+    key, options = parse_init(config.init_lora_weights)
+    if key in WITH_CONFIG:
+        options["config"] = config
+    INITIALIZERS[key](layer, name, **options)

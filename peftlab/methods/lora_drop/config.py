@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.config import ConfigError, check_number
-from ..lora.config import LoraConfig
+from ..lora.config import LoraConfig, parse_init
 
 
 @dataclass
@@ -49,8 +49,6 @@ class LoraDropConfig(LoraConfig):
         check_number(name, "threshold", self.threshold, low=0, high=1, low_inclusive=False)
         if self.top_n is not None:
             check_number(name, "top_n", self.top_n, low=1, integer=True)
-        from ..lora.init import parse_init  # local, as LoraConfig does: keeps the config importable alone
-
         init = self.init_lora_weights
         if parse_init(init)[0] not in ("default", "gaussian", "random"):
             raise ConfigError(

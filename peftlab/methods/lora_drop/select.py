@@ -31,7 +31,7 @@ TOLERANCE = 1e-9
 def lora_linears(model, adapter_name: str = "default") -> list[tuple[str, LoraLinear]]:
     """[(module path, layer)] of the adapter, in model order; refuses layers that are not plain LoRA linear layers."""
     model._check_known(adapter_name)
-    layers = [(p, m) for p, m in model._adapter_layers() if adapter_name in m.adapter_names]
+    layers = [(p, m) for p, m in model.adapter_layers() if adapter_name in m.adapter_names]
     bad = [(p, type(m).__name__) for p, m in layers if type(m) is not LoraLinear]
     if bad:
         raise TypeError(

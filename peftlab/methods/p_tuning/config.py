@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.config import check_choice, check_number
-from ..prompt_tuning.virtual_tokens import PromptLearningConfig
+from ..prompt_tuning.prompt_learning import PromptLearningConfig
 
 ENCODERS = ("MLP", "LSTM")
 

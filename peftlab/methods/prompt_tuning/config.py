@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.config import ConfigError, check_choice
-from .virtual_tokens import PromptLearningConfig
+from .prompt_learning import PromptLearningConfig
 
 INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 

@@ -1,4 +1,4 @@
-"""bitsandbytes as an optional set of kernels for the NF4 format of nf4.py (peftlab never requires it).
+"""bitsandbytes as an optional set of kernels for the NF4 format of kernels/nf4.py (peftlab never requires it).
 
 bitsandbytes stores NF4 exactly as nf4.py does: same 16 values, same nibble order, same scale layout (fp32 absmax,
 or uint8 codes of the 8-bit dynamic map + an fp32 absmax per 256 scales + an fp32 mean offset). So a state made by
@@ -14,11 +14,11 @@ can switch kernels without touching its tensors. What the two do differently (bi
   absmax on these matrices; every other block is identical.
 
 `QLoraConfig.backend` picks the kernels:
-- "torch": nf4.py for both quantising and dequantising.
-- "auto": nf4.py quantises (so the quantised model is the same with or without bitsandbytes installed), and the
+- "torch": kernels/nf4.py for both quantising and dequantising.
+- "auto": kernels/nf4.py quantises (so the quantised model is the same with or without bitsandbytes installed), and the
   per-call dequantisation uses bitsandbytes where it imports and, on a probe tensor, reproduces nf4.py's output on
   that device exactly (on CPU, one core, a 1536 x 576 matrix: 0.6 ms against 2.3 ms to fp32, 1.4 ms against 2.2 ms
-  to bf16); otherwise nf4.py, quietly. Outputs are identical either way.
+  to bf16); otherwise kernels/nf4.py, quietly. Outputs are identical either way.
 - "bitsandbytes": bitsandbytes for both (its codes, as a bitsandbytes-quantised model would hold them); fails with an
   error naming the cause when bitsandbytes is missing or does not run on the weight's device.
 """
@@ -29,7 +29,7 @@ import functools
 
 import torch
 
-from .nf4 import DYNAMIC_CODE, NF4_CODE, NF4State, dequantize_nf4, quantize_nf4
+from ...kernels.nf4 import DYNAMIC_CODE, NF4_CODE, NF4State, dequantize_nf4, quantize_nf4
 
 INSTALL_HINT = "pip install bitsandbytes; 0.50.2, the version tested, runs on CPU too"
 
@@ -59,8 +59,8 @@ def functional():
 
 @functools.cache
 def device_problem(device_type: str) -> str | None:
-    """Why bitsandbytes' NF4 kernels cannot stand in for nf4.py on this device type (None when they can): not
-    importable, failing, or not reproducing nf4.py's dequantisation of a probe tensor bit for bit."""
+    """Why bitsandbytes' NF4 kernels cannot stand in for kernels/nf4.py on this device type (None when they can): not
+    importable, failing, or not reproducing kernels/nf4.py's dequantisation of a probe tensor bit for bit."""
     why = import_error()
     if why is not None:
         return f"bitsandbytes cannot be imported ({why})"
@@ -77,7 +77,7 @@ def device_problem(device_type: str) -> str | None:
 
 
 def _check_tables(state) -> None:
-    """bitsandbytes' value tables must be nf4.py's: the packed codes mean nothing under other tables."""
+    """bitsandbytes' value tables must be kernels/nf4.py's: the packed codes mean nothing under other tables."""
     if not torch.equal(state.code.float().cpu(), NF4_CODE) or (
             state.state2 is not None and not torch.equal(state.state2.code.float().cpu(), DYNAMIC_CODE)):
         raise RuntimeError("This bitsandbytes version uses other NF4 or 8-bit value tables than peftlab's (the QLoRA "
@@ -96,7 +96,7 @@ def quantize(W: torch.Tensor, blocksize: int, double_quant: bool) -> tuple[torch
 
 
 def dequantize(packed: torch.Tensor, state: NF4State, dtype: torch.dtype) -> torch.Tensor:
-    """bitsandbytes' `dequantize_4bit` of nf4.py's packed codes and state, in `dtype` (fp32, bf16 or fp16)."""
+    """bitsandbytes' `dequantize_4bit` of kernels/nf4.py's packed codes and state, in `dtype` (fp32, bf16 or fp16)."""
     F = functional()
     code = NF4_CODE.to(packed.device)
     state2 = None

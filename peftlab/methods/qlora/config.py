@@ -8,9 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ...core.config import ConfigError, check_choice
-from ..lora.config import LoraConfig
-from ..lora.init import init_key
-from .nf4 import BLOCKSIZES
+from ..lora.config import LoraConfig, init_key
 
 QUANT_TYPES = ["nf4"]
 COMPUTE_DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
@@ -20,7 +18,7 @@ BACKENDS = ["auto", "torch", "bitsandbytes"]
 @dataclass
 class QLoraConfig(LoraConfig):
     """QLoRA (Dettmers et al., 2023): LoRA on a base whose targeted linear weights are frozen in 4-bit NF4 with
-    double-quantised scales, dequantised just before each matmul (see peftlab/methods/qlora/layer.py and nf4.py).
+    double-quantised scales, dequantised just before each matmul (see methods/qlora/layer.py, kernels/nf4.py).
 
     At inference a QLoRA adapter is a LoRA adapter on the (dequantised) base, W_hat + s B A, so its file is a plain
     LoRA file (peft_type "LORA", LoraConfig's keys only; the five quantisation fields below are left out): PEFT,
@@ -66,6 +64,8 @@ class QLoraConfig(LoraConfig):
         if not isinstance(self.bnb_4bit_use_double_quant, bool):
             raise ConfigError(f"{name}.bnb_4bit_use_double_quant={self.bnb_4bit_use_double_quant!r} is not valid; "
                               "use true or false.")
+        from ...kernels.nf4 import BLOCKSIZES  # here, not at the top: kernels import torch, and configs do not
+
         if self.bnb_4bit_blocksize not in BLOCKSIZES or isinstance(self.bnb_4bit_blocksize, bool):
             raise ConfigError(f"{name}.bnb_4bit_blocksize={self.bnb_4bit_blocksize!r} is not valid; use one of "
                               f"{', '.join(map(str, BLOCKSIZES))} (QLoRA uses 64).")

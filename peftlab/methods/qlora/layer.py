@@ -6,7 +6,7 @@ linear wrapper around one.
 
 Memory. `get_peft_model(model, QLoraConfig(...))` replaces each targeted nn.Linear (or transformers' Conv1D) by a
 QLoraLinear whose `base_layer` is an NF4Linear built from it: the packed codes (n/2 bytes for n weights) and the scales
-(about n/64 bytes with double quantisation; see nf4.py) replace the fp32 weight, which is dropped (freed unless
+(about n/64 bytes with double quantisation; see kernels/nf4.py) replace the fp32 weight, which is dropped (freed unless
 something else still refers to it, e.g. an output head tied to the input embeddings). The bias stays as it was.
 
 Forward. W_hat is rebuilt from the codes on every call, just before the matmul, in the compute dtype (the input's
@@ -22,12 +22,12 @@ Fast path. `peftlab.kernels.enable(model, backend)` switches QLoraLinear, like L
 node (kernels/qlora_linear.py): W_hat is dequantised just before the base GEMM (Triton: kernels/nf4_dequant.py, one
 pass from the codes to the compute dtype, then the GEMM with the low-rank term in its epilogue), and again for dx in
 backward; the node keeps x and the (N, r) product x A^T only, not the fp32 copy of x that the plain path's A matmul
-keeps. Same numbers as the plain path (the torch backend bit for bit in forward). It runs where kernels/switch.py's
+keeps. Same numbers as the plain path (the torch backend bit for bit in forward). It runs where methods/lora/fused.py's
 conditions hold (one live adapter, no dropout at work) and `QLoraLinear.fused_base_forward`'s: the base is this
 layer's NF4 base (not merged, not Conv1D), compute_dtype is "auto" or the input's dtype, and backend is not
 "bitsandbytes": an explicit request for bitsandbytes' kernels keeps the plain path, which runs them. (With "auto" the
 torch backend dequantises through `NF4Linear.dequantized_weight`, i.e. bitsandbytes where the layer picks it, which it
-does only where it reproduces nf4.py bit for bit; the triton backend always uses peftlab's kernel.)
+does only where it reproduces kernels/nf4.py bit for bit; the triton backend always uses peftlab's kernel.)
 
 Merging (`merge_adapter`, `merge_and_unload`): W_hat + s B A is computed in fp32 and the layer's base becomes a plain
 nn.Linear (Conv1D) holding it in the base weight's original dtype: the merged model is NOT re-quantised (re-quantising
@@ -40,7 +40,7 @@ run did before the merge.
 
 Unloading (`unload`, deleting a layer's last adapter) puts a plain nn.Linear (Conv1D) with W_hat back into the model:
 the original full-precision weights are gone since quantisation, so quantise -> unload is lossy (the error bound is
-in nf4.py).
+in kernels/nf4.py).
 
 Files. An adapter file holds A and B (and trained biases; PEFT's LoRA layout), so it applies to any copy of the base:
 onto the dequantised base (the model `unload()` returns) it gives this model's output exactly, and onto the original
@@ -62,7 +62,7 @@ from ...core.targets import Conv1D
 from ...kernels.qlora_linear import fused_qlora_linear
 from ..lora.layer import LoraLayer, LoraLinear
 from . import bnb
-from .nf4 import NF4State, dequantize_nf4, nf4_nbytes, quantize_nf4
+from ...kernels.nf4 import NF4State, dequantize_nf4, nf4_nbytes, quantize_nf4
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -275,8 +275,8 @@ class QLoraLinear(LoraLinear):
         return self
 
     def fused_base_forward(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
-        """This layer's output through the fused QLoRA node, or None (the plain forward runs). kernels/switch.py calls
-        it once its own conditions hold (kernels enabled, one live adapter `adapter_name`, no dropout at work, no extra
+        """This layer's output through the fused QLoRA node, or None (the plain forward runs). lora/fused.py calls it
+        once its own conditions hold (kernels enabled, one live adapter `adapter_name`, no dropout at work, no extra
         arguments); None here where the node would not compute this forward, or was not asked for (module docstring):
         base not the NF4 base or a Conv1D one, backend="bitsandbytes", compute_dtype other than "auto" and x's."""
         base = self.base_layer
@@ -302,7 +302,12 @@ class QLoraLinear(LoraLinear):
                 "the same bnb_4bit_blocksize, bnb_4bit_use_double_quant, backend and compute_dtype."
             )
         super().add_adapter(adapter_name, config, module_name)  # A, B first: a failure leaves the base untouched
-        if quantised is None:
+        given = self.__dict__.pop("nf4_init", None)  # LoftQ's Q (lora/loftq.py): A, B were fitted to exactly it
+        if quantised is None and given is not None:
+            self.base_layer = NF4Linear(*given, self.base_layer.bias, self.in_features, self.out_features,
+                                        self.fan_in_fan_out, settings.backend,
+                                        settings.compute_dtype).train(self.base_layer.training)
+        elif quantised is None:
             self.base_layer = NF4Linear.from_float(self.base_layer, settings)
 
     # ---- merging: into a float copy of the dequantised weight; the NF4 base is kept aside ------------------

@@ -1,4 +1,5 @@
-"""NF4 (4-bit NormalFloat) with double quantisation in plain torch: the reference for QLoRA's frozen base weights.
+"""NF4 (4-bit NormalFloat) with double quantisation in plain torch: the reference for QLoRA's frozen base weights,
+beside its Triton twin (nf4_dequant.py). methods/qlora builds its layers on it; this module knows tensors only.
 
 The format is QLoRA's (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", section 3) as
 bitsandbytes stores it (`bitsandbytes.functional.quantize_4bit(W, blocksize=64, quant_type="nf4",

