@@ -213,6 +213,48 @@ def test_text_classifier_loads_the_base_in_the_run_s_dtype(ckpt, tmp_path):
     torch.testing.assert_close(clf.predict_proba(texts), ref.predict_proba(texts), atol=0.03, rtol=0)
 
 
+def test_saved_runs_reload_their_base_as_training_loaded_it(ckpt, tmp_path, monkeypatch):
+    """TextClassifier.from_run of a qlora classify run and RewardModel.from_run of a bf16 reward run: the base comes
+    back in the run's dtype, and the qlora one quantised as it is read (load_model gets `quantize`), not loaded in
+    full precision and quantised only when the adapter wraps it."""
+    from peftlab.methods.qlora import NF4Linear
+    from peftlab.train import TextClassifier, model_loading, train
+    from peftlab.train.preference import RewardModel
+
+    from .conftest import run_config
+
+    tiny_tokenizer().save_pretrained(ckpt / "untied")
+    calls = []
+    real_load_model = model_loading.load_model
+    monkeypatch.setattr(model_loading, "load_model", lambda *a, **kw: calls.append(kw) or real_load_model(*a, **kw))
+    rows = [{"text": f"{w} {s}", "label": label} for s in sentences(12) for w, label in (("great", "good"),
+                                                                                          ("awful", "bad"))]
+    qlora = {"name": "qlora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    run = run_config(str(ckpt / "untied"), "classify", write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "clf",
+                     method=qlora, max_steps=2, precision="bf16")
+    run.model_dtype = "bf16"
+    train(run, log=lambda *_: None)
+    calls.clear()
+    clf = TextClassifier.from_run(str(tmp_path / "clf"))
+    assert len(calls) == 1 and calls[0]["dtype"] == "bf16" and calls[0]["quantize"] is not None, calls
+    assert clf.model.method_of("default").name == "qlora"  # the file reads as LoRA; the run says qlora
+    assert isinstance(clf.model.get_base_model().model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
+    assert torch.isfinite(clf.predict_proba(["great fun", "awful mess"])).all()
+
+    pairs = [{"prompt": f"say {s}", "chosen": f"great {s}", "rejected": f"awful {s}"} for s in sentences(12)]
+    run = run_config(str(ckpt / "untied"), "reward", write_jsonl(tmp_path / "p.jsonl", pairs), tmp_path / "rm",
+                     max_steps=2, precision="bf16")
+    run.model_dtype = "bf16"
+    train(run, log=lambda *_: None)
+    calls.clear()
+    rm = RewardModel.from_run(str(tmp_path / "rm"))
+    assert len(calls) == 1 and calls[0]["dtype"] == "bf16" and "quantize" not in calls[0], calls
+    params = dict(rm.model.named_parameters())
+    assert params["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"].dtype == torch.bfloat16
+    assert rm.autocast_dtype == torch.bfloat16
+    assert torch.isfinite(rm.score(["say hi"], ["great hi"])).all()
+
+
 def test_lora_under_autocast_takes_x_as_is_same_numbers_less_saved():
     """methods/lora/layer.py adapter_input: on a bf16 base under bf16 autocast, A's matmul gets x itself instead of an
     fp32 copy that autocast casts back: output and every gradient equal the cast-up path bit for bit, and the adapters

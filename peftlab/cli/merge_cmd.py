@@ -121,6 +121,7 @@ def training_config(folder: str, method_name: str | None = None) -> Trained:
     from ..core.config import ConfigError
     from ..core.method import get_method, method_for_config
     from ..core.model import read_config
+    from ..core.save_load import config_as_trained
 
     file_config = read_config(folder)
     run = None
@@ -150,11 +151,11 @@ def training_config(folder: str, method_name: str | None = None) -> Trained:
                            f"{file_cls.peft_type!r}). Leave --method out, or give the method that wrote it.")
         # The file names its own method (or the run's method is no refinement of it): the file's config holds all.
         return Trained(file_config, method_for_config(file_config), None, run.base_dtype if run else None)
-    kept = {f.name: getattr(file_config, f.name) for f in dataclasses.fields(file_cls) if f.init}
-    extra = {}
-    if run is not None:  # the fields the file cannot carry, from the run (e.g. QLoRA's blocksize and double quant)
-        extra = {f.name: getattr(run.method, f.name) for f in dataclasses.fields(cls) if f.init and f.name not in kept}
-    return Trained(cls(**kept, **extra), method, source, run.base_dtype if run else None)
+    # The fields the file cannot carry (e.g. QLoRA's blocksize and double quant): the run's, or (--method) the
+    # method's defaults.
+    trained = run.method if run is not None else cls(**{f.name: getattr(file_config, f.name)
+                                                         for f in dataclasses.fields(file_cls) if f.init})
+    return Trained(config_as_trained(file_config, trained), method, source, run.base_dtype if run else None)
 
 
 CHECK_ROWS = (

@@ -186,6 +186,22 @@ def config_from_dict(data: dict, source: str = "the config") -> AdapterConfig:
     return method.config_cls.from_dict(data, source=source)
 
 
+def config_as_trained(file_config: AdapterConfig, trained: AdapterConfig | None) -> AdapterConfig:
+    """The config to load an adapter file with, given the config its run trained it with (`trained`, e.g. a run's
+    `method`; None: unknown). Where the training method's config class refines the file's (QLoRA writes plain LoRA
+    files: a QLoraConfig is a LoraConfig), the refined class with the file's values for every field the file holds and
+    the run's for the rest (QLoRA's blocksize, double quant), so that loading joins the layers the adapter was trained
+    on (4-bit ones) instead of plain ones. Otherwise the file's config as it is: it holds everything."""
+    if trained is None:
+        return file_config
+    file_cls, cls = type(file_config), type(trained)
+    if cls is file_cls or not issubclass(cls, file_cls):
+        return file_config
+    kept = {f.name: getattr(file_config, f.name) for f in dataclasses.fields(file_cls) if f.init}
+    extra = {f.name: getattr(trained, f.name) for f in dataclasses.fields(cls) if f.init and f.name not in kept}
+    return cls(**kept, **extra)
+
+
 
 
 # ---- PEFT's module-level helpers ----------------------------------------------------------------------------------

@@ -242,20 +242,32 @@ class RewardModel:
         autocast_dtype."""
         from .config import load_finished_run
 
+        from ..models import resolve_dtype
+
         run = load_finished_run(run_dir, "reward", "RewardModel.from_run")
-        return cls.from_pretrained(run.model, adapter_dir or os.path.join(run_dir, "adapter"), data=run.data, **kwargs)
+        # The base as the run trained it: its dtype (run.base_dtype, e.g. auto -> bf16) under autocast in that dtype,
+        # and a quantised base (qlora) quantised as it is read rather than after a full-precision load.
+        sixteen = resolve_dtype(run.base_dtype)[0]
+        kwargs.setdefault("autocast_dtype", sixteen if sixteen != torch.float32 else None)
+        return cls.from_pretrained(run.model, adapter_dir or os.path.join(run_dir, "adapter"), data=run.data,
+                                   dtype=run.base_dtype, method_config=run.method, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, model: str, adapter_dir: str, data: DataConfig | None = None,
-                        **kwargs) -> "RewardModel":
+    def from_pretrained(cls, model: str, adapter_dir: str, data: DataConfig | None = None, dtype: str = "fp32",
+                        method_config=None, **kwargs) -> "RewardModel":
         """Base `model` ("smollm2", a folder or a hub id) + the reward adapter in `adapter_dir`. `data` gives the
-        encoding (max_length, prompt_template); None: the defaults (max_length 512, chat template if any)."""
+        encoding (max_length, prompt_template); None: the defaults (max_length 512, chat template if any). `dtype`:
+        the frozen base's (auto | bf16 | fp16 | fp32; pass autocast_dtype to compute in 16 bits); `method_config`: the
+        adapter's config, so that a method that quantises the base at load (qlora) does it as the weights are read."""
         from ..core.model import PeftModel
+        from ..core.save_load import config_as_trained, read_config
         from .model_loading import load_tokenizer_and_model
 
         tokenizer, base = load_tokenizer_and_model(model, "AutoModelForSequenceClassification", ["reward"],
-                                                   announce_head=False)
-        peft_model = PeftModel.from_pretrained(base, adapter_dir)
+                                                   announce_head=False, dtype=dtype, method_config=method_config)
+        # A qlora adapter's file reads as plain LoRA: load it as the method it trained with, onto the 4-bit layers.
+        config = config_as_trained(read_config(adapter_dir), method_config)
+        peft_model = PeftModel.from_pretrained(base, adapter_dir, config=config)
         return cls(peft_model, tokenizer, data or DataConfig(train_file="(scoring only)"), **kwargs)
 
     def encode(self, prompts: list[str], responses: list[str]) -> list[dict]:
