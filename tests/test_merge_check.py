@@ -116,6 +116,20 @@ def test_qlora_merge_folds_the_update_into_the_dequantised_nf4_weights(qlora_run
                                rtol=0, atol=2e-6)
 
 
+def test_generate_loads_a_qlora_adapter_onto_its_4bit_base(qlora_run, llama_dir):
+    """`peftlab generate` (load_for_generation) on the run's adapter: the model computes what the trained model
+    computes (QLoRA with the run's settings), not the plain-LoRA reading of the file on the original weights."""
+    from peftlab.cli.generate_cmd import load_for_generation
+
+    adapter = qlora_run / "adapter"
+    ids = torch.tensor([[5, 17, 3, 44, 60, 2, 9, 31, 70, 12]])
+    trained = PeftModel.from_pretrained(load_model(llama_dir), str(adapter), config=QLoraConfig.from_lora(
+        read_config(str(adapter)), bnb_4bit_blocksize=32, bnb_4bit_use_double_quant=False))
+    _, net = load_for_generation(llama_dir, str(adapter), "fp32")
+    assert net.method_of("default").name == "qlora"
+    torch.testing.assert_close(_logits(net, ids), _logits(trained, ids), rtol=0, atol=1e-5)
+
+
 def test_method_flag_that_does_not_fit_the_file_is_one_error_line(qlora_run, llama_dir, tmp_path, capsys):
     code = main(["merge", llama_dir, str(qlora_run / "adapter"), str(tmp_path / "x"), "--method", "ia3"])
     err = capsys.readouterr().err.strip()

@@ -37,8 +37,18 @@ def load_for_generation(model: str, adapter: str | None, dtype: str = "auto"):
     from ..models.dtype import to_stderr
 
     tokenizer = load_tokenizer(model)
-    base = load_model(model, auto_class=AutoModelForCausalLM, dtype=dtype, log=to_stderr)
-    net = PeftModel.from_pretrained(base, adapter) if adapter else base
+    trained, quantize = None, None
+    if adapter:
+        # The adapter on the base as it was trained (the run beside it says the method): a qlora adapter, whose file
+        # reads as plain LoRA, gets its 4-bit base back, quantised as it is read, as training held it.
+        from ..io import adapter_files
+        from .merge_cmd import training_config
+
+        trained = training_config(adapter_files.resolve_adapter_dir(adapter))
+        if trained.method.quantize_at_load is not None:
+            quantize = trained.method.quantize_at_load(trained.config)
+    base = load_model(model, auto_class=AutoModelForCausalLM, dtype=dtype, quantize=quantize, log=to_stderr)
+    net = PeftModel.from_pretrained(base, adapter, config=trained.config) if adapter else base
     # The chat template the adapter was trained with (data.chat_template, saved as chat_template.jinja), and its
     # end-of-turn token as one more id to stop at (e.g. <|im_end|> on a base whose eos is <|endoftext|>).
     add_stop_ids(base, apply_adapter_template(tokenizer, adapter,
