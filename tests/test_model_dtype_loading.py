@@ -255,15 +255,21 @@ def test_saved_runs_reload_their_base_as_training_loaded_it(ckpt, tmp_path, monk
     assert torch.isfinite(rm.score(["say hi"], ["great hi"])).all()
 
 
-def test_lora_under_autocast_takes_x_as_is_same_numbers_less_saved():
-    """methods/lora/layer.py adapter_input: on a bf16 base under bf16 autocast, A's matmul gets x itself instead of an
-    fp32 copy that autocast casts back: output and every gradient equal the cast-up path bit for bit, and the adapters
-    reading one x (here 3, as q, k, v do) save it once for backward instead of a bf16 copy each."""
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_lora_under_autocast_takes_x_as_is_same_numbers_less_saved(use_dora):
+    """methods/lora/layer.py adapter_input (also DoRA's plain forward): on a bf16 base under bf16 autocast, A's matmul
+    gets x itself instead of an fp32 copy that autocast casts back: output and every gradient equal the cast-up path
+    bit for bit, and the adapters reading one x (here 3, as q, k, v do) save it once for backward instead of a bf16
+    copy each."""
+    from peftlab.methods.dora import layer as dora_layer
     from peftlab.methods.lora import layer as lora_layer
 
+    module = dora_layer if use_dora else lora_layer
     torch.manual_seed(0)
     block = torch.nn.ModuleDict({n: torch.nn.Linear(64, 64) for n in ("q", "k", "v")}).to(torch.bfloat16)
-    model = get_peft_model(torch.nn.Sequential(block), LoraConfig(r=4, target_modules=["q", "k", "v"]))
+    model = get_peft_model(torch.nn.Sequential(block), LoraConfig(r=4, target_modules=["q", "k", "v"],
+                                                                  use_dora=use_dora))
+    assert model.method_of("default").name == ("dora" if use_dora else "lora")
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p)
@@ -281,12 +287,12 @@ def test_lora_under_autocast_takes_x_as_is_same_numbers_less_saved():
         return out, x.grad, grads, {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
 
     new = run()
-    real = lora_layer.adapter_input
-    lora_layer.adapter_input = lambda x, dtype, dropout: x.to(dtype)  # the cast-up path it replaced
+    real = module.adapter_input
+    module.adapter_input = lambda x, dtype, dropout: x.to(dtype)  # the cast-up path it replaced
     try:
         old = run()
     finally:
-        lora_layer.adapter_input = real
+        module.adapter_input = real
     assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
     assert all(torch.equal(a, b) for a, b in zip(new[2], old[2]))
     # old: each adapter keeps its own bf16 copy of x (3); new: one x for all three (the frozen base keeps only W)

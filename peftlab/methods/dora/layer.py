@@ -55,7 +55,7 @@ from torch import nn
 
 from ...kernels.dora_linear import fused_dora_linear
 from ..lora.fused import fused_adapter
-from ..lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from ..lora.layer import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, adapter_input
 
 
 class Magnitude(nn.Module):
@@ -173,7 +173,7 @@ class DoraLayer(LoraLayer):
         bias = getattr(self.base_layer, "bias", None)
         for name in live:
             A, B, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-            h = x.to(A.weight.dtype)
+            h = adapter_input(x, A.weight.dtype, dropout)  # x as it is under autocast (lora/layer.py says why)
             scale = self.scale(name)
             if isinstance(dropout, nn.Identity) or not self.training:
                 base = result if bias is None else result - self._bias_view(bias)  # everything before, without b
