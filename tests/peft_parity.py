@@ -210,11 +210,3 @@ def trains(model, kind: str = "llama", steps: int = 10) -> None:
         else:
             assert torch.equal(p, frozen[n]), f"frozen {n} changed"
 
-
-def check_examples(examples, tmp_path: Path) -> None:
-    """A method folder's EXAMPLES through the conformance suite's generic invariants (tests/example_checks.py), each
-    in its own folder."""
-    from .example_checks import check_example
-
-    for i, example in enumerate(examples):
-        check_example(example, Path(tmp_path) / f"example-{i}")

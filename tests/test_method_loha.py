@@ -16,10 +16,9 @@ import torch
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.methods.loha import LoHaConfig, LoHaLayer
-from peftlab.methods.loha.examples import EXAMPLES
 
 from .conftest import BUILDERS, TinyConv, model_inputs, output_of
-from .peft_parity import TIGHT, check_examples, merge_matches, round_trips, same_init_and_logits, trains
+from .peft_parity import TIGHT, merge_matches, round_trips, same_init_and_logits, trains
 
 WORDS = ("hada_",)
 pytestmark = pytest.mark.usefixtures("quiet_warnings")
@@ -118,6 +117,3 @@ def test_bad_config_says_what_to_do():
     with pytest.raises(ConfigError, match="init_weights"):
         LoHaConfig(init_weights="lycoris")  # LoKr's choice, not LoHa's
 
-
-def test_conformance_examples(tmp_path):
-    check_examples(EXAMPLES, tmp_path)

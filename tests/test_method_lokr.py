@@ -17,10 +17,9 @@ from peft.tuners.lokr.layer import factorization as peft_factorization
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.methods.lokr import LoKrConfig, LoKrLayer, factorization
-from peftlab.methods.lokr.examples import EXAMPLES
 
 from .conftest import BUILDERS, TinyConv
-from .peft_parity import TIGHT, check_examples, merge_matches, round_trips, same_init_and_logits, trains
+from .peft_parity import TIGHT, merge_matches, round_trips, same_init_and_logits, trains
 
 WORDS = ("lokr_",)
 pytestmark = pytest.mark.usefixtures("quiet_warnings")
@@ -111,6 +110,3 @@ def test_bad_config_says_what_to_do():
     with pytest.raises(ConfigError, match="decompose_factor"):
         LoKrConfig(decompose_factor=2.5)
 
-
-def test_conformance_examples(tmp_path):
-    check_examples(EXAMPLES, tmp_path)

@@ -17,11 +17,10 @@ import torch
 import peftlab
 from peftlab.core.config import ConfigError
 from peftlab.methods.oft import OFTConfig, OFTLayer
-from peftlab.methods.oft.examples import EXAMPLES
 from peftlab.methods.oft.layer import cayley_neumann, nearest_divisor
 
 from .conftest import BUILDERS
-from .peft_parity import check_examples, merge_matches, round_trips, same_init_and_logits, trains
+from .peft_parity import merge_matches, round_trips, same_init_and_logits, trains
 
 WORDS = ("oft_R",)
 pytestmark = pytest.mark.usefixtures("quiet_warnings")
@@ -136,6 +135,3 @@ def test_bad_config_says_what_to_do():
     with pytest.raises(ConfigError, match="bias"):
         OFTConfig(bias="lora_only")
 
-
-def test_conformance_examples(tmp_path):
-    check_examples(EXAMPLES, tmp_path)

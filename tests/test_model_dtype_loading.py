@@ -20,7 +20,7 @@ import torch
 from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
                           LlamaForCausalLM)
 
-from peftlab import LoraConfig, TaskType, get_peft_model
+from peftlab import LoraConfig, get_peft_model
 from peftlab.models import CheckpointFormatError, DtypeError, load_model, resolve_dtype
 from peftlab.models import dtype as dtype_mod
 

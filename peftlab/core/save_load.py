@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +26,9 @@ from .targets import ALL_LINEAR, matches
 # PEFT's names of embedding layers: targeting one makes save_pretrained (save_embedding_layers="auto") save
 # the embedding layer's own weights too.
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
+
+if TYPE_CHECKING:  # the class this mixin is a base of (core/model.py), for annotations only
+    from .model import PeftModel
 
 class SaveLoadMixin:
     """The file half of `PeftModel` (see the module docstring)."""
