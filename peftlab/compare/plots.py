@@ -77,7 +77,7 @@ def _draw_scores(ax, points, references: list[Row], key: str, higher_is_better: 
         # From chance (the lowest reference) up: the reader sees how far above chance each method is.
         floor = min(values)
         ax.set_ylim(max(0.0, floor - 0.03), min(1.0, max(values) + 0.03))
-    if legend:
+    if legend and ax.get_legend_handles_labels()[0]:  # nothing to name when every run failed (the report says why)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
