@@ -266,7 +266,12 @@ def test_training_saves_the_template_with_the_adapter(chat_files, tmp_path):
         "method": {"name": "lora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "data": {"train_file": data, "eval_fraction": 0.25, "max_length": 96, "chat_template": "chatml"},
         "train": {"output_dir": str(out), "lr": 1e-2, "batch_size": 2, "max_steps": 2, "log_every": 1,
-                  "progress": False, "tensorboard": False, "precision": "fp32"}})
+                  "progress": False, "tensorboard": False, "precision": "fp32", "save_every": 1}})
     train(run, log=lambda *_: None)
     assert (out / "adapter" / ADAPTER_TEMPLATE_FILE).read_text() == TEMPLATES["chatml"].jinja
+    # a checkpoint's adapter generates as the final one does: the template is in it too
+    checkpoints = sorted((out / "checkpoints").glob("step-*"))
+    assert checkpoints, list(out.iterdir())
+    for step in checkpoints:
+        assert (step / "adapter" / ADAPTER_TEMPLATE_FILE).read_text() == TEMPLATES["chatml"].jinja
     assert yaml.safe_load((out / "run_config.yaml").read_text())["data"]["chat_template"] == "chatml"

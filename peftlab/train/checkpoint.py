@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from ..data.templates import save_adapter_template
 from ..io import adapter_files
 from ..io.atomic import TEMP_MARK, atomic_folder, atomic_write_with, recover_folder, remove_folder
 
@@ -38,10 +39,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str, step: int, peft_model, state: dict, keep: int) -> str:
+def save_checkpoint(root: str, step: int, peft_model, state: dict, keep: int, chat_template: str | None = None
+                    ) -> str:
+    """root/step-NNNNNN/ with adapter/ (+ the run's chat template, data.chat_template, so that a checkpoint's adapter
+    generates as the final one does) and state.pt, written as one folder; only the newest `keep` are kept."""
     folder = os.path.join(root, f"step-{step:06d}")
     with atomic_folder(folder) as staging:  # the same step saved twice (a rerun) is replaced whole
         peft_model.save_pretrained(os.path.join(staging, "adapter"))
+        save_adapter_template(os.path.join(staging, "adapter"), chat_template)
         atomic_write_with(os.path.join(staging, "state.pt"), lambda tmp: torch.save(state, tmp))
     for old in list_checkpoints(root)[:-keep]:
         remove_folder(old)

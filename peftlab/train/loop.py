@@ -40,7 +40,7 @@ from ..core.method import method_for_config
 from ..core.model import get_peft_model, trainable_parameters_line
 from ..data import Collator, encode_rows, example_length, load_splits
 from ..data.templates import save_adapter_template
-from ..io.atomic import atomic_write_text, remove_folder
+from ..io.atomic import atomic_folder, atomic_write_text, remove_folder
 from ..io.lock import folder_lock
 from . import ppo
 from .checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -248,7 +248,7 @@ class Trainer:
                 state = {"optimizer": optimizer_state, "scheduler": self.scheduler.state_dict(),
                          "rng": rng_state(), "run_state": dataclasses.asdict(self.state)}
                 save_checkpoint(self._checkpoint_root(), self.state.step, self.peft_model, state,
-                                self.cfg.keep_checkpoints)
+                                self.cfg.keep_checkpoints, self.run.data.chat_template)
         self.accelerator.wait_for_everyone()
 
     def _step(self) -> tuple[float, int, int]:
@@ -355,9 +355,10 @@ class Trainer:
             logger.close()
         with self.sharding.full_adapter_tensors(self.peft_model):  # FSDP: one whole adapter, not shards
             self._check_weights_finite()
-            if main:
-                self.peft_model.save_pretrained(result["adapter_dir"])
-                save_adapter_template(result["adapter_dir"], self.run.data.chat_template)  # data/templates.py
+            if main:  # adapter files and chat template (data/templates.py) replace the old folder as one
+                with atomic_folder(result["adapter_dir"]) as staging:
+                    self.peft_model.save_pretrained(staging)
+                    save_adapter_template(staging, self.run.data.chat_template)
         if main:
             write_model_card(result["adapter_dir"], self.run, result)
             saved = self.run.to_dict()
