@@ -75,6 +75,14 @@ def test_rerun_into_a_finished_folder_refuses_unless_overwrite_or_resume(tmp_pat
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert lines and not any("earlier_run" in line for line in lines)
     assert any("--overwrite: deleting the earlier run's metrics.jsonl" in s for s in said)
+    # a folder holding only an earlier run's tracker output (train.report_to: wandb / mlflow) is an earlier run too
+    tracked = tmp_path / "tracked"
+    (tracked / "wandb" / "offline-run-1").mkdir(parents=True)
+    (tracked / "mlruns").mkdir()
+    with pytest.raises(ConfigError, match=r"already holds a run \(wandb, mlruns\)"):
+        train(run_config(llama_dir, "classify", classify_file, tracked, max_steps=1), log=lambda *_: None)
+    train(run_config(llama_dir, "classify", classify_file, tracked, max_steps=1), log=lambda *_: None, overwrite=True)
+    assert not (tracked / "wandb").exists() and not (tracked / "mlruns").exists()
     (out / "x").write_text("")
     with pytest.raises(ConfigError, match="is a file, not a folder"):
         train(run_config(llama_dir, "classify", classify_file, out / "x"), log=lambda *_: None)

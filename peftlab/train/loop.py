@@ -371,8 +371,9 @@ class Trainer:
         return result
 
 
-# What a run leaves in its output folder: a folder holding any of these holds (part of) an earlier run.
-RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "checkpoints", "adapter", "tb")
+# What a run leaves in its output folder: a folder holding any of these holds (part of) an earlier run. wandb/ and
+# mlruns/: train.report_to's offline W&B run and local MLflow store (trackers.py).
+RUN_OUTPUTS = ("metrics.jsonl", "run_config.yaml", "checkpoints", "adapter", "tb", "wandb", "mlruns")
 
 
 def train(run: RunConfig, resume: bool = False, log=print, overwrite: bool = False) -> dict:
