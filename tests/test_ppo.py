@@ -336,6 +336,33 @@ def test_prompts_from_a_data_file_with_a_held_out_split(model_dir, tmp_path):
         PPOTrainer(run, reward_fn=great_fraction, log=quiet)
 
 
+def test_chat_template_renders_the_prompts_travels_with_the_policy_and_report_to_is_honoured(model_dir, tmp_path):
+    """data.chat_template (a .jinja file here) renders the prompts as sft renders a prompt row, and is saved in the
+    policy adapter and its checkpoints; train.report_to reaches PPO's metrics too (mlflow: a local store)."""
+    from peftlab.data.templates import ADAPTER_TEMPLATE_FILE
+
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text("{% for m in messages %}system : {{ m['content'] }} </s> {% endfor %}"
+                     "{% if add_generation_prompt %}<s> assistant : {% endif %}")
+    out = tmp_path / "o"
+    raw = ppo_run(model_dir, out, max_steps=1, save_every=1, report_to=["mlflow"]).to_dict()
+    raw["data"] = {"chat_template": str(jinja)}  # inline prompts: the data section holds options only
+    run = build_run_config(raw)
+    trainer = PPOTrainer(run, reward_fn=great_fraction, log=quiet)
+    tok = trainer.tokenizer
+    assert trainer.train_ids[0] == tok("system : write a review </s> <s> assistant :",
+                                       add_special_tokens=False)["input_ids"]
+    trainer.fit()
+    assert (out / "adapter" / ADAPTER_TEMPLATE_FILE).read_text() == jinja.read_text()
+    (checkpoint,) = sorted((out / "checkpoints").glob("step-*"))
+    assert (checkpoint / "adapter" / ADAPTER_TEMPLATE_FILE).read_text() == jinja.read_text()
+    assert (out / "mlruns").is_dir() and any((out / "mlruns").rglob("reward*")), list((out / "mlruns").rglob("*"))[:20]
+    assert load_run_config(str(out / "run_config.yaml")).data.chat_template == str(jinja)  # the saved run reloads
+    raw["data"] = {"train_file": "prompts.jsonl"}
+    with pytest.raises(ConfigError, match="prompts twice, in ppo.prompts and from data.train_file 'prompts.jsonl'"):
+        build_run_config(raw)
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 def test_reward_errors_name_the_problem(model_dir, reward_dir, tmp_path):

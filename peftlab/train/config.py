@@ -258,6 +258,10 @@ def default_config_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
 
 
+PPO_INLINE_PROMPTS = "(ppo.prompts)"
+"""data.train_file of a ppo run whose prompts are listed in ppo.prompts and whose data section only sets options."""
+
+
 def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConfig:
     _check_keys(raw, SECTIONS, source)
     task = raw.get("task", "classify")
@@ -275,6 +279,13 @@ def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConf
     if raw.get("ppo") and task != "ppo":
         raise ConfigError(f"{source}: the ppo section applies to task ppo; this run's task is {task}. Remove it.")
     data_raw = raw.get("data")
+    if ppo is not None and ppo.prompts and isinstance(data_raw, dict):
+        if data_raw.get("train_file", PPO_INLINE_PROMPTS) != PPO_INLINE_PROMPTS:  # (a saved run_config.yaml has it)
+            raise ConfigError(f"{source}: task ppo got its prompts twice, in ppo.prompts and from data.train_file "
+                              f"{data_raw['train_file']!r}. Keep one: ppo.prompts for a short inline list, or the "
+                              "file (a 'prompt' column).")
+        # Inline prompts with data options (chat_template, prompt_template, max_length): no file to read.
+        data_raw = {**data_raw, "train_file": PPO_INLINE_PROMPTS}
     if data_raw is None and ppo is not None and ppo.prompts:  # ppo with its prompts inline needs no data file
         data = None
     elif not isinstance(data_raw, dict) or "train_file" not in data_raw:

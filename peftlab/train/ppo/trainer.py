@@ -18,12 +18,14 @@ from torch import nn
 from ...core.config import ConfigError, TaskType
 from ...core.method import _no_prepare
 from ...core.model import PeftModel, get_peft_model
+from ...data.templates import install_chat_template, save_adapter_template
 from ...io.atomic import atomic_folder, atomic_write_text
 from ..checkpoint import list_checkpoints, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..guards import check_weights_finite, diverged_error, non_finite_step
 from ..metrics_log import MetricsLogger
 from ..model_card import write_model_card
 from ..model_loading import load_tokenizer_and_model
+from ..trackers import RunTrackers
 from ..optim import adamw_with_schedule, new_accelerator, param_groups_with_decay
 from ..ppo_math import (entropy_from_logits, gae, kl_penalty_rewards, logprobs_from_logits, masked_mean, policy_loss,
                         response_mask, value_loss, whiten)
@@ -81,6 +83,9 @@ class PPOTrainer:
         # The base in the run's dtype (model.dtype; the policy, the reference and the reward all run on it).
         self.tokenizer, base = load_tokenizer_and_model(run.model, "AutoModelForCausalLM", dtype=run.base_dtype,
                                                         method_config=run.method)
+        # data.chat_template renders the prompts (as for sft) and is saved with the policy adapter (data/templates.py)
+        self.chat_template = run.data.chat_template if run.data is not None else None
+        install_chat_template(self.tokenizer, self.chat_template)
         self._encode_prompts()
         self.peft_model = self._policy(base)
         self.reward_head = None
@@ -358,7 +363,7 @@ class PPOTrainer:
                  "value_head": {k: v.detach().cpu() for k, v in self.value_head.state_dict().items()},
                  "rng": rng_state(), "run_state": dataclasses.asdict(self.state)}
         save_checkpoint(self._checkpoint_root(), self.state.step, _PolicyOnly(self.peft_model), state,
-                        self.cfg.keep_checkpoints)
+                        self.cfg.keep_checkpoints, self.chat_template)
 
     def resume(self) -> None:
         found = list_checkpoints(self._checkpoint_root())
@@ -380,7 +385,8 @@ class PPOTrainer:
 
         cfg = self.cfg
         os.makedirs(cfg.output_dir, exist_ok=True)
-        logger = MetricsLogger(cfg.output_dir, cfg.tensorboard)
+        # metrics.jsonl, and the same records to train.report_to's trackers (TensorBoard included: trackers.py)
+        logger = RunTrackers(self.run, MetricsLogger(cfg.output_dir, False), self.log)
         before = self.evaluate() if self.state.step == 0 else None
         if before:
             logger.write({"step": 0, "split": "eval", **before})
@@ -429,6 +435,7 @@ class PPOTrainer:
             os.rmdir(folder)
             save_file({k: v.detach().cpu().contiguous() for k, v in self.value_head.state_dict().items()},
                       os.path.join(staging, VALUE_HEAD_FILE), metadata={"format": "pt"})
+            save_adapter_template(staging, self.chat_template)
         write_ppo_model_card(adapter_dir, self.run, result)
         atomic_write_text(os.path.join(self.cfg.output_dir, "run_config.yaml"),
                           yaml.safe_dump(self.run.to_dict(), sort_keys=False))
