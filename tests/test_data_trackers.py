@@ -122,3 +122,23 @@ def test_report_to_config(llama_dir, tmp_path, monkeypatch):
         RunTrackers(run, metrics=None)
     assert str(err.value) == ("train.report_to lists wandb, but the wandb package is not installed. Install the "
                               "trackers extra: `pip install 'peftlab[trackers]'` (or `pip install wandb`).")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None, reason=f"mlflow not installed: {EXTRA}")
+def test_a_whole_run_method_reports_its_eval_metrics_too(llama_dir, tmp_path, monkeypatch):
+    """features (no gradient steps: Method.run through train/method_run.py) sends its before/after eval records to
+    train.report_to's trackers as the loop does (mlflow: a local file store)."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    from peftlab.train import train
+
+    rows = [{"text": f"{w} {s}", "label": label} for s in sentences(16) for w, label in (("great", "good"),
+                                                                                          ("awful", "bad"))]
+    out = tmp_path / "run"
+    train(run_config(llama_dir, "classify", write_jsonl(tmp_path / "c.jsonl", rows), out, method={"name": "features"},
+                     report_to=["mlflow"]), log=lambda *_: None)
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    final = [r for r in records if r["split"] == "eval"][-1]
+    (path,) = glob.glob(os.path.join(out, "mlruns", "*", "*", "metrics", "eval", "accuracy"))
+    logged = {int(step): float(value) for _, value, step in (line.split() for line in open(path))}
+    assert logged[final["step"]] == pytest.approx(final["accuracy"], rel=1e-12)

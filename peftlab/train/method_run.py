@@ -26,6 +26,7 @@ from ..core.config import ConfigError
 from ..data import Splits, load_splits
 from ..io.atomic import atomic_folder, atomic_write_text
 from .metrics_log import MetricsLogger
+from .trackers import RunTrackers
 from .model_card import write_model_card
 from .optim import autocast_dtype
 from .sources import resolve_shipped
@@ -68,7 +69,8 @@ class MethodRun:
         run = self.run
         out = run.train.output_dir
         os.makedirs(out, exist_ok=True)
-        metrics = MetricsLogger(out, tensorboard=False)
+        # metrics.jsonl, and the same records to train.report_to's trackers (TensorBoard by default: trackers.py)
+        metrics = RunTrackers(run, MetricsLogger(out, tensorboard=False), self.log)
         for rec in records:
             metrics.write(rec)
         metrics.close()
