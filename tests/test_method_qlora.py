@@ -40,7 +40,7 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model import read_config
 from peftlab.methods.qlora import NF4Linear, QLoraConfig, QLoraLinear, bnb
 from peftlab.methods.qlora.layer import QuantSettings
-from peftlab.kernels.nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_blockwise_8bit, dequantize_nf4,
+from peftlab.kernels.nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_blockwise_8bit, dequantize_nf4, dequantize_nf4_scratch,
                                        dynamic_map_8bit, nf4_nbytes, pack_4bit, quantize_blockwise_8bit,
                                        quantize_nf4, unpack_4bit)
 
@@ -128,6 +128,44 @@ def test_round_trip_error_within_half_the_largest_nf4_gap_times_absmax(shape, dt
     err = (W.float() - dequantize_nf4(packed, state, torch.float32)).abs()
     assert (err <= bound * (1 + 1e-6)).all(), (err / bound).max()
     assert (err > 0).any(), "4 bits cannot be lossless on random weights"
+
+
+def test_scratch_dequantisation_equals_the_reference_and_reuses_its_buffers():
+    """kernels/nf4.py dequantize_nf4_scratch: the same W_hat bit for bit (odd sizes, padded blocks, both blocksizes
+    and double quantisation, every dtype), in buffers that a later call of the same or smaller size reuses."""
+    results = {}
+    for shape, blocksize, double in [((300, 7), 64, True), ((33,), 64, False), ((96, 40), 32, True), ((7, 9), 128, True),
+                                     ((256, 128), 64, True)]:
+        packed, state = quantize_nf4(_weights(shape, dtype=torch.bfloat16), blocksize, double)
+        for dtype in (torch.bfloat16, torch.float32, torch.float16):
+            got = dequantize_nf4_scratch(packed, state, dtype)
+            assert got.shape == torch.Size(shape) and got.dtype == dtype
+            assert torch.equal(got, dequantize_nf4(packed, state, dtype)), (shape, blocksize, double, dtype)
+            results[shape, dtype] = got.data_ptr()
+    # the largest (256 x 128) grew the buffers last; a smaller one now lands in the same memory
+    packed, state = quantize_nf4(_weights((300, 7), dtype=torch.bfloat16))
+    assert dequantize_nf4_scratch(packed, state, torch.bfloat16).data_ptr() == results[(256, 128), torch.bfloat16]
+
+
+def test_training_layers_dequantise_into_scratch_and_keep_their_results():
+    """The forward and backward of a 4-bit layer use the scratch buffers; two layers in a row (the second's W_hat
+    overwrites the first's buffers) still give the reference gradients and outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 24))
+    ref = copy.deepcopy(model)
+    peft_model = get_peft_model(model, QLoraConfig(r=2, target_modules=["0", "1"], bnb_4bit_blocksize=32))
+    for layer in (ref[0], ref[1]):  # the reference: LoRA-free layers on the same dequantised weights
+        layer.weight.requires_grad_(False)
+    ref[0].weight.data = peft_model.base_model.model[0].base_layer.dequantized_weight(torch.float32).clone()
+    ref[1].weight.data = peft_model.base_model.model[1].base_layer.dequantized_weight(torch.float32).clone()
+    x1 = torch.randn(5, 24, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    out = peft_model(x1)  # LoRA B is zero at init: the output is the base layers'
+    expected = ref(x2)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("shape", [(64, 128), (576, 96), (300, 7)])

@@ -89,6 +89,9 @@ class AdapterConfig:
     # left out of adapter_config.json, so a file tagged with another method's peft_type (LoRA+ writes "LORA") holds
     # only that method's keys and PEFT and vLLM read it as such. They stay in `to_dict` (run configs keep them).
     file_omits: ClassVar[tuple[str, ...]] = ()
+    # What `model.dtype: auto` loads the base in for this method, where the method needs another answer than the
+    # hardware's (None: bf16 where native, else fp32). Full fine-tuning says fp32 (methods/full/config.py says why).
+    auto_base_dtype: ClassVar[str | None] = None
 
     task_type: TaskType | str | None = None
     """What the model is for (CAUSAL_LM, SEQ_CLS, SEQ_2_SEQ_LM, TOKEN_CLS, QUESTION_ANS,

@@ -20,9 +20,9 @@ tensor alone (transformers' `_is_hf_initialized` marks). A checkpoint whose name
 (older layouts transformers renames while loading, remote code) is loaded by transformers' own `from_pretrained` in
 the target dtype instead, with a one-line note; the `quantize` builders then run module by module after it.
 
-Loading also pins glibc's mmap threshold for the process (`pin_mmap_threshold`), so that the large tensors training
-makes and frees (activations, a 4-bit layer's dequantised weight) go back to the OS instead of leaving resident holes
-in the heap: that, more than the tensors themselves, is what a 4-bit base's training step added (its docstring).
+Where PEFTLAB_MMAP_THRESHOLD asks for it, loading pins glibc's mmap threshold for the process (`pin_mmap_threshold`):
+large freed tensors then go back to the OS at once instead of leaving resident holes in the heap, for less peak memory
+at a cost in time (its docstring has both). Off by default.
 
 Checkpoints must be safetensors: a folder with only `pytorch_model.bin` (a pickle, which can run code when read) is
 refused with the command that converts it. Hub ids are fetched with huggingface_hub's `snapshot_download`
@@ -132,28 +132,29 @@ def _give_back_freed_memory() -> None:
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD = 1 << 20
-"""Blocks of at least this many bytes (1 MiB) get their own memory map, returned to the OS when freed."""
+"""A threshold that gives the memory back (1 MiB): blocks of at least this many bytes get their own memory map,
+returned to the OS when freed. `PEFTLAB_MMAP_THRESHOLD=1048576` asks for it; not the default (`pin_mmap_threshold`)."""
 
 
 def pin_mmap_threshold(size: int | None = None) -> bool:
     """Make glibc give every freed block of >= `size` bytes back to the OS at once (mallopt M_MMAP_THRESHOLD), for
-    this whole process; False where there is no glibc, or where switched off. `size` defaults to the environment
-    variable PEFTLAB_MMAP_THRESHOLD (bytes; 0 leaves glibc's own behaviour), else MMAP_THRESHOLD (1 MiB).
+    this whole process; False where there is no glibc, or where not asked. `size` defaults to the environment variable
+    PEFTLAB_MMAP_THRESHOLD (bytes, e.g. 1048576 = MMAP_THRESHOLD); unset or 0: glibc's own behaviour (the default).
 
-    Why: glibc starts at 128 KiB but raises its threshold to the size of each mapped block freed, up to 32 MiB. After
-    the first few activations and dequantised weights are freed, blocks up to 32 MiB come from the heap instead, and
-    the transient ones (a 4-bit layer's bf16 weight, rebuilt and dropped at every matmul; fp32 casts) leave holes
-    between the activations kept for backward, which stay resident. benchmarks/load_memory.py (1.1B Llama, LoRA r16
-    all-linear, one step on 1 x 256 tokens under bf16 autocast) peaks at 3.22 GB unpinned and 1.97 GB pinned for
-    QLoRA, 3.58 and 3.33 GB for a bf16 base. Cost: a map and page faults per large tensor; run side by side on a
-    busy machine (`--phases peftlab-qlora` with PEFTLAB_MMAP_THRESHOLD=0 and unset), QLoRA's forward took 29.2 CPU
-    seconds pinned against 24.2 (+21 %), for a peak of 1.97 GB against 2.77. PEFTLAB_MMAP_THRESHOLD=0 turns it off
-    where time matters more than memory."""
+    What it trades: glibc starts at 128 KiB but raises its threshold to the size of each mapped block freed, up to
+    32 MiB, after which transient tensors come from the heap and the holes they leave between the activations kept
+    for backward stay resident. Pinned low, they go back to the OS, but every large tensor then maps and zeroes fresh
+    pages. Measured on a quiet 2-core CPU (8-layer Llama of a 1.1B's width, LoRA r16 all-linear, one training step on
+    1 x 256 tokens under bf16 autocast, steady state): a bf16 base took 1.40 s and peaked 0.38 GB above its start
+    unpinned, 1.79 s and 0.27 GB pinned at 1 MiB; QLoRA (whose dequantised weights now reuse buffers: kernels/nf4.py
+    `dequantize_nf4_scratch`) 2.26 s / 0.39 GB unpinned, 2.69 s / 0.27 GB pinned. Before those buffers, the pin was the
+    default and cost QLoRA's step 2.2x (5.20 s against 2.37 s) for 0.31 GB: hence off by default, for where memory
+    matters more than time. docs/benchmarks.md has the 1.1B figures."""
     if size is None:
-        raw = os.environ.get("PEFTLAB_MMAP_THRESHOLD", str(MMAP_THRESHOLD))
+        raw = os.environ.get("PEFTLAB_MMAP_THRESHOLD", "0")
         if not raw.strip().isdigit():
-            raise ValueError(f"PEFTLAB_MMAP_THRESHOLD must be a whole number of bytes (e.g. 1048576; 0 turns the pin "
-                             f"off); got {raw!r}. Fix or unset it.")
+            raise ValueError(f"PEFTLAB_MMAP_THRESHOLD must be a whole number of bytes (e.g. 1048576 pins the threshold "
+                             f"at 1 MiB; 0 leaves glibc's own); got {raw!r}. Fix or unset it.")
         size = int(raw)
     mallopt = _libc("mallopt")
     return bool(size > 0 and mallopt is not None and mallopt(M_MMAP_THRESHOLD, size))
@@ -194,8 +195,8 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_SHIPPED, auto_class=Non
     (peftlab.models.dtype). quantize: modules to rebuild from their weight as it is read (QLoRA's 4-bit layers:
     get_method("qlora").quantize_at_load(config) gives one). log: called with the line saying which dtype the base got
     and why (e.g. print). `auto_class` defaults to AutoModelForCausalLM; kwargs: config fields (num_labels, id2label,
-    label2id, ...), ignore_mismatched_sizes, trust_remote_code. Side effect: glibc's mmap threshold is pinned for the
-    process (`pin_mmap_threshold`)."""
+    label2id, ...), ignore_mismatched_sizes, trust_remote_code. Side effect, only where PEFTLAB_MMAP_THRESHOLD is set:
+    glibc's mmap threshold is pinned for the process (`pin_mmap_threshold`)."""
     if auto_class is None:
         from transformers import AutoModelForCausalLM as auto_class
     kwargs = dict(kwargs)
@@ -210,7 +211,7 @@ def load_model(name_or_path: str | os.PathLike = DEFAULT_SHIPPED, auto_class=Non
                         f"ignore_mismatched_sizes, trust_remote_code and config fields ({', '.join(CONFIG_KWARGS)}).")
     folder = local_folder(name_or_path)
     files = checkpoint_files(folder)  # before building anything: a pickle-only folder fails here
-    pin_mmap_threshold()  # large transient tensors (loading, and the training that follows) go back to the OS
+    pin_mmap_threshold()  # PEFTLAB_MMAP_THRESHOLD: large freed tensors go back to the OS (off unless asked)
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust, **kwargs)

@@ -212,9 +212,24 @@ class RunConfig:
 
     @property
     def base_dtype(self) -> str:
-        """The dtype the base is loaded in: model_dtype, except that auto under train.precision=fp32 means fp32 (no
-        autocast: a 16-bit base could not compute beside the fp32 trainable tensors)."""
-        return "fp32" if self.model_dtype == "auto" and self.train.precision == "fp32" else self.model_dtype
+        """The dtype the base is loaded in: model_dtype, except that auto means fp32 under train.precision=fp32 (no
+        autocast: a 16-bit base could not compute beside the fp32 trainable tensors) and means the method's
+        `auto_base_dtype` where it has one (full fine-tuning: fp32; `base_dtype_note` says why)."""
+        if self.model_dtype != "auto":
+            return self.model_dtype
+        if self.train.precision == "fp32":
+            return "fp32"
+        return getattr(type(self.method), "auto_base_dtype", None) or "auto"
+
+    @property
+    def base_dtype_note(self) -> str | None:
+        """A line for the run's log when the method, not the hardware, decided what `model.dtype: auto` means."""
+        forced = getattr(type(self.method), "auto_base_dtype", None)
+        if self.model_dtype != "auto" or self.train.precision == "fp32" or not forced:
+            return None
+        return (f"peftlab: model.dtype auto -> {forced} for method {self.method_name}: it trains every base weight as "
+                f"an fp32 master copy, so a 16-bit load would save no memory and would start from rounded weights "
+                f"(docs/compare.md). Set model.dtype to load it otherwise.")
 
     def to_dict(self) -> dict[str, Any]:
         method = {"name": self.method_name, **{k: v for k, v in self.method.to_dict().items() if k != "peft_type"}}

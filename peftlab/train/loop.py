@@ -91,6 +91,8 @@ class Trainer:
         self.label_names = splits.report.get("labels") if self.task.classifies else None
         label2id = {name: i for i, name in enumerate(self.label_names)} if self.label_names else None
         head_labels = self.label_names or (list(self.task.head_labels) if self.task.head_labels else None)
+        if run.base_dtype_note:
+            self.log(run.base_dtype_note)
         self.tokenizer, base = load_tokenizer_and_model(run.model, self.task.auto_model, head_labels,
                                                         dtype=run.base_dtype, method_config=run.method)
         self.train_examples = encode_rows(splits.train, run.task, self.tokenizer, run.data, label2id)

@@ -62,7 +62,7 @@ from ...core.targets import Conv1D
 from ...kernels.qlora_linear import fused_qlora_linear
 from ..lora.layer import LoraLayer, LoraLinear
 from . import bnb
-from ...kernels.nf4 import NF4State, dequantize_nf4, nf4_nbytes, quantize_nf4
+from ...kernels.nf4 import NF4State, dequantize_nf4, dequantize_nf4_scratch, nf4_nbytes, quantize_nf4
 
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,7 +107,7 @@ class _NF4Matmul(torch.autograd.Function):
         ctx.layer = layer
         ctx.x_dtype = x.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        weight = layer.dequantized_weight(x.dtype)
+        weight = layer.dequantized_weight(x.dtype, scratch=True)  # used here and dropped: reused buffers
         return layer.matmul(x, weight, bias)
 
     @staticmethod
@@ -116,7 +116,7 @@ class _NF4Matmul(torch.autograd.Function):
         layer = ctx.layer
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = layer.dequantized_weight(grad_out.dtype)  # (out, in), or (in, out) for Conv1D
+            weight = layer.dequantized_weight(grad_out.dtype, scratch=True)  # (out, in), or (in, out) for Conv1D
             grad_x = (grad_out @ (weight.T if layer.fan_in_fan_out else weight)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, layer.out_features).sum(0).to(ctx.bias_dtype)
@@ -198,11 +198,16 @@ class NF4Linear(nn.Module):
                                f"Use backend='auto' (falls back to peftlab's kernels, same results) or 'torch'.")
         return "torch"
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """W_hat in its stored layout ((out, in); Conv1D (in, out)), in `dtype` (default: the original dtype)."""
+    def dequantized_weight(self, dtype: torch.dtype | None = None, scratch: bool = False) -> torch.Tensor:
+        """W_hat in its stored layout ((out, in); Conv1D (in, out)), in `dtype` (default: the original dtype).
+        scratch=True (for a matmul that drops W_hat at once): on a CPU, computed in buffers this thread reuses
+        (kernels/nf4.py `dequantize_nf4_scratch`: same values, valid until the next such call); elsewhere as usual
+        (CUDA's caching allocator already reuses the blocks)."""
         dtype = dtype or self.weight_dtype
         if self._kernels(dtype) == "bitsandbytes":
             return bnb.dequantize(self.weight, self.state(), dtype)
+        if scratch and self.weight.device.type == "cpu":
+            return dequantize_nf4_scratch(self.weight, self.state(), dtype)
         return dequantize_nf4(self.weight, self.state(), dtype)
 
     def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
