@@ -40,8 +40,8 @@ from peftlab.core.config import ConfigError
 from peftlab.core.model import read_config
 from peftlab.methods.qlora import NF4Linear, QLoraConfig, QLoraLinear, bnb
 from peftlab.methods.qlora.layer import QuantSettings
-from peftlab.kernels.nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_blockwise_8bit, dequantize_nf4, dequantize_nf4_scratch,
-                                       dynamic_map_8bit, nf4_nbytes, pack_4bit, quantize_blockwise_8bit,
+from peftlab.kernels.nf4 import (DYNAMIC_CODE, NF4_CODE, dequantize_blockwise_8bit, dequantize_nf4,
+                                       dequantize_nf4_scratch, dynamic_map_8bit, nf4_nbytes, pack_4bit, quantize_blockwise_8bit,
                                        quantize_nf4, unpack_4bit)
 
 from .conftest import BUILDERS, model_inputs, output_of
@@ -134,8 +134,8 @@ def test_scratch_dequantisation_equals_the_reference_and_reuses_its_buffers():
     """kernels/nf4.py dequantize_nf4_scratch: the same W_hat bit for bit (odd sizes, padded blocks, both blocksizes
     and double quantisation, every dtype), in buffers that a later call of the same or smaller size reuses."""
     results = {}
-    for shape, blocksize, double in [((300, 7), 64, True), ((33,), 64, False), ((96, 40), 32, True), ((7, 9), 128, True),
-                                     ((256, 128), 64, True)]:
+    for shape, blocksize, double in [((300, 7), 64, True), ((33,), 64, False), ((96, 40), 32, True),
+                                     ((7, 9), 128, True), ((256, 128), 64, True)]:
         packed, state = quantize_nf4(_weights(shape, dtype=torch.bfloat16), blocksize, double)
         for dtype in (torch.bfloat16, torch.float32, torch.float16):
             got = dequantize_nf4_scratch(packed, state, dtype)

@@ -10,9 +10,9 @@ in the method's examples.py: "base_weights_train" (the method moves the adapted 
 "quantised_base" (the base it computes on is the dequantised 4-bit one, QLoRA), "trains_base_in_place" (the adapter
 *is* base parameters: full fine-tuning, BitFit, ...), "encoder_output_on_load" (loaded for inference, the prompt
 encoder becomes a table of its saved output, as PEFT loads it, so save -> load and the round trip compare outputs,
-not the encoder's tensors: P-tuning, prefix tuning with its projection). `peft_round_trip` asks the suite to check that HF PEFT loads
-the saved files and computes the same outputs, and that peftlab loads PEFT's files back (set it where PEFT has the
-method with the same file layout).
+not the encoder's tensors: P-tuning, prefix tuning with its projection). `peft_round_trip` asks the suite to check
+that HF PEFT loads the saved files and computes the same outputs, and that peftlab loads PEFT's files back (set it
+where PEFT has the method with the same file layout).
 """
 
 from __future__ import annotations

@@ -30,6 +30,7 @@ EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
 if TYPE_CHECKING:  # the class this mixin is a base of (core/model.py), for annotations only
     from .model import PeftModel
 
+
 class SaveLoadMixin:
     """The file half of `PeftModel` (see the module docstring)."""
 

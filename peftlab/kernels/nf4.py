@@ -265,13 +265,14 @@ def dequantize_nf4_scratch(packed: torch.Tensor, state: NF4State, dtype: torch.d
     (QLoRA's forward and backward); never for a weight that is kept (unload, merge: use `dequantize_nf4`).
 
     Why: `dequantize_nf4` allocates per call an int32 index (2 bytes per weight), two fp32 grids (4 bytes each) and
-    the result (2 bytes in bf16): 12 bytes per weight, 138 MB for a 1.1B Llama's 11.5M-weight MLP matrix. On a CPU, glibc serves such
-    blocks from its heap once its dynamic mmap threshold has risen, and the holes they leave between the activations
-    kept for backward stay resident; pinning the threshold low instead gives them back but maps and zeroes fresh
-    pages at every call. Reused buffers avoid both: on an 8-layer 1.1B-shaped Llama (LoRA r16 all-linear, 1 x 256
-    tokens, bf16 autocast, 2-core CPU), a QLoRA training step took 2.26 s and peaked 0.39 GB above its start, against
-    2.37 s and 0.60 GB with per-call tensors, and 5.20 s and 0.29 GB with the threshold pinned at 1 MiB
-    (docs/benchmarks.md). Memory kept: one buffer per role of the largest tensor's size (~8 bytes per weight)."""
+    the result (2 bytes in bf16): 12 bytes per weight, 138 MB for a 1.1B Llama's 11.5M-weight MLP matrix. On a CPU,
+    glibc serves such blocks from its heap once its dynamic mmap threshold has risen, and the holes they leave
+    between the activations kept for backward stay resident; pinning the threshold low instead gives them back but
+    maps and zeroes fresh pages at every call. Reused buffers avoid both: on an 8-layer 1.1B-shaped Llama (LoRA r16
+    all-linear, 1 x 256 tokens, bf16 autocast, 2-core CPU), a QLoRA training step took 2.26 s and peaked 0.39 GB
+    above its start, against 2.37 s and 0.60 GB with per-call tensors, and 5.20 s and 0.29 GB with the threshold
+    pinned at 1 MiB (docs/benchmarks.md). Memory kept: one buffer per role of the largest tensor's size (~8 bytes
+    per weight)."""
     n, blocksize = state.numel, state.blocksize
     m = packed.numel()  # bytes: 2 codes each
     n_blocks = -(-n // blocksize)
