@@ -108,3 +108,16 @@ def test_bad_configs_say_what_to_do():
         get_peft_model(tiny_llama(), AdaptionPromptConfig(adapter_len=2, adapter_layers=3))
     with pytest.raises(ConfigError, match="supports Llama-like models"):
         get_peft_model(tiny_gpt2(), AdaptionPromptConfig(adapter_len=2, adapter_layers=1))
+
+
+@pytest.mark.parametrize("task", ["classify", "reward"])
+def test_a_task_that_trains_a_new_head_is_refused_before_any_model_loads(task):
+    """The task's new head would be lost: PEFT's ADAPTION_PROMPT files hold no modules_to_save. The run config says
+    so (torch-free, so `peftlab compare` refuses the whole config before its first method runs)."""
+    from peftlab.train import build_run_config
+
+    raw = {"model": "no/such/model", "task": task, "data": {"train_file": "rows.jsonl"},
+           "method": {"name": "adaption_prompt", "adapter_len": 4, "adapter_layers": 1}}
+    with pytest.raises(ConfigError, match=f"cannot save the new head that task {task} trains.*causal_lm or sft"):
+        build_run_config(raw)
+    assert build_run_config({**raw, "task": "sft"}).method_name == "adaption_prompt"

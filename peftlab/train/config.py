@@ -42,6 +42,7 @@ SCHEDULERS = ["linear", "cosine", "constant"]
 PRECISIONS = ["auto", "fp32", "bf16", "fp16"]
 CHUNKED_LOSS_MODES = ["auto", "on", "off"]  # train.chunked_loss (lm_loss.py computes it)
 CHUNKED_LOSS_TASKS = ("causal_lm", "sft")
+HEAD_TASKS = ("classify", "reward")  # tasks that train a new head, saved with the adapter (modules_to_save)
 """Tasks whose loss is next-token cross-entropy over the lm_head's logits (tasks.py: Task.chunkable)."""
 
 
@@ -317,6 +318,11 @@ def build_run_config(raw: dict[str, Any], source: str = "the config") -> RunConf
                           f"run's task is {task}. Remove the section (a reward model has no beta: its loss is "
                           "-log sigmoid(r_chosen - r_rejected - margin)).")
     preference = _build(PreferenceConfig, raw.get("preference") or {}, f"{source}: preference")
+    if task in HEAD_TASKS and "modules_to_save" in type(method_config).file_omits:
+        # Found here, before any model loads (a compare would otherwise fail this method only when it comes to run).
+        raise ConfigError(f"{source}: method {name} cannot save the new head that task {task} trains: its "
+                          f"adapter files (PEFT's {type(method_config).peft_type}) hold no modules_to_save. Use it for "
+                          f"causal_lm or sft, or pick a method that saves a head (lora, prefix_tuning, ...).")
     model_raw = raw.get("model", "smollm2")
     if isinstance(model_raw, str) or model_raw is None:
         model_raw = {"name": model_raw}
