@@ -142,3 +142,11 @@ def test_a_whole_run_method_reports_its_eval_metrics_too(llama_dir, tmp_path, mo
     (path,) = glob.glob(os.path.join(out, "mlruns", "*", "*", "metrics", "eval", "accuracy"))
     logged = {int(step): float(value) for _, value, step in (line.split() for line in open(path))}
     assert logged[final["step"]] == pytest.approx(final["accuracy"], rel=1e-12)
+    # A second run in the same process gets its own store: mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which
+    # the first run's close() took back (else the second run would log into the first run's folder).
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    again = tmp_path / "again"
+    train(run_config(llama_dir, "classify", str(tmp_path / "c.jsonl"), again, method={"name": "features"},
+                     report_to=["mlflow"]), log=lambda *_: None)
+    assert glob.glob(os.path.join(again, "mlruns", "*", "*", "metrics", "eval", "accuracy"))
+    assert len(glob.glob(os.path.join(out, "mlruns", "*", "*", "metrics"))) == 1  # the first store kept its one run

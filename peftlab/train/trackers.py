@@ -101,6 +101,11 @@ def _wandb_mode() -> str:
         return "offline"
 
 
+_OUR_MLFLOW_URIS: set[str] = set()
+"""MLflow tracking URIs this process set for a run's local store: a later run treats them as unset, not as the user's
+(mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which a run killed before close() leaves behind)."""
+
+
 class RunTrackers:
     """Wraps a metrics writer (`write(record)`, `close()`; the loop's metrics.jsonl logger) and sends every record
     to the run's Accelerate trackers too. Construct on the main process only (the loop's logger already is)."""
@@ -112,6 +117,7 @@ class RunTrackers:
         PartialState()  # Accelerate's trackers log through its logger, which needs the state (set up by the loop)
         cfg = run.train
         self.metrics, self.trackers = metrics, []
+        self.exported_uri: str | None = None
         out = os.path.abspath(cfg.output_dir)
         name = os.path.basename(out.rstrip(os.sep)) or "run"
         chosen = trackers_for(getattr(cfg, "report_to", None), cfg.tensorboard)
@@ -128,10 +134,13 @@ class RunTrackers:
             else:
                 import mlflow
 
-                if not os.environ.get("MLFLOW_TRACKING_URI"):
+                if os.environ.get("MLFLOW_TRACKING_URI", "") in ("", *_OUR_MLFLOW_URIS):  # not the user's own
                     # MLflow 3 keeps the file store but refuses it unless asked; a local folder is the point here
                     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-                    mlflow.set_tracking_uri("file://" + os.path.join(out, "mlruns"))
+                    uri = "file://" + os.path.join(out, "mlruns")
+                    _OUR_MLFLOW_URIS.add(uri)
+                    mlflow.set_tracking_uri(uri)  # MLflow 3 also exports it as MLFLOW_TRACKING_URI: close() undoes
+                    self.exported_uri = uri
                 made = MLflowTracker(os.environ.get("MLFLOW_EXPERIMENT_NAME", "peftlab"), run_name=name)
             made.start()
             self.trackers.append(made)
@@ -150,6 +159,8 @@ class RunTrackers:
         self.metrics.close()
         for made in self.trackers:
             made.finish()
+        if self.exported_uri is not None and os.environ.get("MLFLOW_TRACKING_URI") == self.exported_uri:
+            del os.environ["MLFLOW_TRACKING_URI"]  # the next run in this process gets its own store, not this one
 
 
 __all__ = ["EXTRA", "RunTrackers", "TRACKERS", "check_installed", "check_report_to", "trackers_for"]
