@@ -26,6 +26,7 @@ can switch kernels without touching its tensors. What the two do differently (bi
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
@@ -38,10 +39,17 @@ INSTALL_HINT = "pip install bitsandbytes; 0.50.2, the version tested, runs on CP
 def import_error() -> str | None:
     """Why bitsandbytes cannot be imported (None when it can). Cached: importing it takes ~3.5 s (it imports
     torch._dynamo)."""
+    # At import, bitsandbytes' CPU backend tries to fetch an optional gemm_4bit kernel from the hub and warns in every
+    # run when it cannot (offline, untrusted repository); peftlab never calls that kernel, so the note is kept quiet.
+    note = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = note.level
+    note.setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional  # noqa: F401  (the import is the check)
     except Exception as err:  # ImportError, or a broken install raising anything else at import time
         return f"{type(err).__name__}: {err}"
+    finally:
+        note.setLevel(level)
     return None
 
 
