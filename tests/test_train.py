@@ -204,3 +204,15 @@ def test_a_run_can_follow_an_accelerator_with_another_precision():
     Accelerator(mixed_precision="no", cpu=True)
     assert new_accelerator("bf16").mixed_precision == "bf16"
     assert new_accelerator("fp32").mixed_precision == "no"
+
+
+def test_classification_metrics_by_hand():
+    """train/tasks.py's accuracy and macro-F1 (one implementation with the baselines'): 3 classes, class 2 never
+    predicted nor present (F1 0, counted in the mean), class 0: tp 2, fp 1, fn 0 -> F1 0.8; class 1: tp 1, fp 0,
+    fn 1 -> F1 2/3."""
+    from peftlab.train.tasks import classification_metrics
+
+    got = classification_metrics([0, 0, 1, 0], [0, 0, 1, 1], 3)
+    assert got["accuracy"] == pytest.approx(0.75)
+    assert got["macro_f1"] == pytest.approx((0.8 + 2 / 3 + 0) / 3)
+    assert classification_metrics([], [], 2) == {"accuracy": 0.0, "macro_f1": 0.0}

@@ -53,7 +53,7 @@ def load_frozen_base(name_or_path: str, auto_model: str, dtype: str = "fp32"):
 
 def classification_metrics(preds: list[int], labels: list[int], n_classes: int) -> dict[str, float]:
     """Accuracy and macro-F1 over `n_classes` classes (scikit-learn; a class never predicted nor present scores 0,
-    zero_division=0), as the training loop reports classification (peftlab.train.tasks.classification_metrics)."""
+    zero_division=0). The training loop reports classification with this too (train/tasks.py)."""
     from sklearn.metrics import accuracy_score, f1_score
 
     if not labels:

@@ -64,16 +64,11 @@ def count_pairs(batch: dict[str, torch.Tensor]) -> int:
 
 
 def classification_metrics(preds: list[int], labels: list[int], n_classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 (F1 per class, averaged with equal weight; a class never predicted nor present
-    scores 0, as scikit-learn's zero_division=0 does)."""
-    p, y = torch.tensor(preds), torch.tensor(labels)
-    f1s = []
-    for c in range(n_classes):
-        tp = int(((p == c) & (y == c)).sum())
-        fp = int(((p == c) & (y != c)).sum())
-        fn = int(((p != c) & (y == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    return {"accuracy": float((p == y).float().mean()) if len(y) else 0.0, "macro_f1": sum(f1s) / n_classes}
+    """Accuracy and macro-F1 (scikit-learn's; a class never predicted nor present scores 0, zero_division=0): one
+    implementation for the loop and the whole-run baselines (methods/baseline_run.py)."""
+    from ..methods.baseline_run import classification_metrics as metrics
+
+    return metrics(preds, labels, n_classes)
 
 
 @dataclass(frozen=True)
