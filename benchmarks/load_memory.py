@@ -39,7 +39,9 @@ SHAPE = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hid
              num_key_value_heads=4, max_position_embeddings=2048, tie_word_embeddings=False, rms_norm_eps=1e-5)
 SHARD_BYTES = 2 << 30
 SETUPS = ["peftlab-fp32", "peftlab-bf16", "peftlab-qlora", "hf-fp32", "hf-bf16", "hf-bnb-4bit",
-          "peftlab-fp32-pinned", "peftlab-bf16-pinned", "peftlab-qlora-pinned"]
+          "peftlab-fp32-pinned", "peftlab-bf16-pinned", "peftlab-qlora-pinned", "peftlab-bf16-gc", "peftlab-qlora-gc",
+          "peftlab-qlora-pinned-gc"]
+# *-gc: the same setup with gradient checkpointing (`train.gradient_checkpointing: true`), for the activations' share.
 # *-pinned: the same setup with glibc's mmap threshold pinned at 1 MiB (PEFTLAB_MMAP_THRESHOLD=1048576, which
 # peftlab.models.loading.pin_mmap_threshold reads when load_model runs), to show what that does to peak memory and to
 # the step's time.
@@ -111,6 +113,7 @@ def load(setup: str, folder: str):
     """(model, adapter config kind) for one setup: the load alone."""
     import torch
 
+    setup = setup.removesuffix("-gc")  # gradient checkpointing: switched on after the load (run_setup)
     if setup.startswith("peftlab"):
         from peftlab.core.method import get_method
 
@@ -149,6 +152,8 @@ def run_setup(setup: str, folder: str, mark=lambda phase: None) -> dict:
     model, config = load(setup, folder)
     loaded, load_peak = time.perf_counter(), peak_rss()
     mark("load")
+    if setup.endswith("-gc"):  # keep only each block's input for backward and recompute the rest
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if setup.startswith("peftlab"):
         from peftlab import get_peft_model
 
