@@ -130,6 +130,24 @@ def test_generate_loads_a_qlora_adapter_onto_its_4bit_base(qlora_run, llama_dir)
     torch.testing.assert_close(_logits(net, ids), _logits(trained, ids), rtol=0, atol=1e-5)
 
 
+def test_serve_warns_that_a_qlora_adapter_runs_on_the_full_precision_base(qlora_run, llama_dir, tmp_path):
+    """peftlab serve shares one full-precision base: a qlora adapter (its run_config.yaml beside it says so) is served
+    with a warning that says so and what to do; the same file without its run (plain LoRA for all anyone knows) is
+    not."""
+    import warnings
+
+    from peftlab.serve.mixed import read_adapter
+
+    base = load_model(llama_dir)
+    with pytest.warns(UserWarning, match=r"trained with method qlora .* on a quantised base.*peftlab merge"):
+        assert read_adapter(base, str(qlora_run / "adapter"))[0] == "lora"
+    bare = tmp_path / "bare"
+    shutil.copytree(qlora_run / "adapter", bare)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_adapter(base, str(bare))
+
+
 def test_method_flag_that_does_not_fit_the_file_is_one_error_line(qlora_run, llama_dir, tmp_path, capsys):
     code = main(["merge", llama_dir, str(qlora_run / "adapter"), str(tmp_path / "x"), "--method", "ia3"])
     err = capsys.readouterr().err.strip()

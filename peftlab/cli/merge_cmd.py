@@ -102,18 +102,6 @@ class Trained:
     """The dtype the run held its base in (RunConfig.base_dtype), when a run config was found."""
 
 
-def _run_config_of(folder: str) -> str | None:
-    """The run_config.yaml of the run that wrote the adapter `folder`: in it, or up to 3 folders up (a run's
-    output_dir/adapter, output_dir/checkpoints/step-N/adapter)."""
-    here = os.path.abspath(folder)
-    for _ in range(4):
-        path = os.path.join(here, "run_config.yaml")
-        if os.path.isfile(path):
-            return path
-        here = os.path.dirname(here)
-    return None
-
-
 def training_config(folder: str, method_name: str | None = None) -> Trained:
     """The config ADAPTER was trained with (see `Trained.config`). With `method_name`, that method's config class,
     which must be the file's class or a subclass of it (a qlora adapter reads as LoRA; its quantisation fields take
@@ -132,7 +120,9 @@ def training_config(folder: str, method_name: str | None = None) -> Trained:
             raise CliError(f"--method: {err.args[0]}") from None
         source = f"--method {method_name}"
     else:
-        path = _run_config_of(folder)
+        from ..train.config import run_config_beside
+
+        path = run_config_beside(folder)
         if path is None:
             return Trained(file_config, method_for_config(file_config))
         from ..train import load_run_config

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,12 +91,36 @@ def shared_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+def _warn_if_trained_on_another_base(folder: str, config) -> None:
+    """A warning when the run beside `folder` trained it with a method that holds the base in another form (QLoRA's
+    4-bit weights, whose files read as plain LoRA): served on the one full-precision base all adapters share, its
+    outputs differ a little from the model it was trained as. `peftlab merge` folds it into that base exactly."""
+    from ..core.config import ConfigError
+    from ..core.save_load import config_as_trained
+    from ..train.config import load_run_config, run_config_beside
+
+    path = run_config_beside(folder)
+    if path is None:
+        return
+    try:
+        run = load_run_config(path)
+    except ConfigError:
+        return  # not this adapter's business to judge; the file itself is read as it says
+    trained = config_as_trained(config, run.method)
+    if type(trained) is not type(config) and method_for_config(trained).quantize_at_load is not None:
+        warnings.warn(f"adapter {folder} was trained with method {run.method_name} ({path}) on a quantised base; "
+                      "peftlab serve runs it on the shared full-precision base, so its outputs differ slightly from "
+                      "the model it was trained as. For that model exactly, merge it (`peftlab merge`, which folds "
+                      "the update into the dequantised weights) and serve the merged folder.", stacklevel=3)
+
+
 def read_adapter(base: nn.Module, folder: str) -> tuple[str, dict[str, Term]]:
     """(method name, {module path: Term}) of the adapter in `folder`, read onto a weight-sharing copy of `base`.
     Raises AdapterFileError (bad folder) or AdapterRefused (a method or setting mixed batches cannot serve)."""
     config = read_config(folder)
     method = method_for_config(config).name
     where = f"adapter {folder}"
+    _warn_if_trained_on_another_base(folder, config)
     if method not in SERVED_METHODS:
         raise AdapterRefused(f"{where} is {method}; peftlab serve mixes {', '.join(SERVED_METHODS)} adapters only "
                              f"({method} is not a per-layer weight update). Serve it with `peftlab generate`, or merge "

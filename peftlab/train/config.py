@@ -274,6 +274,18 @@ def default_config_path() -> str:
     return os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "default.yaml")
 
 
+def run_config_beside(folder: str) -> str | None:
+    """The run_config.yaml of the run that wrote the adapter `folder`: in it, or up to 3 folders up (a run's
+    output_dir/adapter, output_dir/checkpoints/step-N/adapter). None when there is none (an adapter from elsewhere)."""
+    here = os.path.abspath(folder)
+    for _ in range(4):
+        path = os.path.join(here, "run_config.yaml")
+        if os.path.isfile(path):
+            return path
+        here = os.path.dirname(here)
+    return None
+
+
 PPO_INLINE_PROMPTS = "(ppo.prompts)"
 """data.train_file of a ppo run whose prompts are listed in ppo.prompts and whose data section only sets options."""
 
