@@ -182,6 +182,8 @@ def test_help_and_config_errors_answer_before_torch_is_imported(tmp_path):
          "No method named 'lroa'. Did you mean lora"),
         (["train", config("dora.yaml", data + "method: {name: dora, r: 4, lora_dropout: 2}\n")], 1, "lora_dropout"),
         (["train", config("dpo.yaml", data + "task: dpo\npreference: {loss_type: hinge}\n")], 1, "loss_type"),
+        (["train", config("qlora.yaml", data + "method: {name: qlora, bnb_4bit_blocksize: 48}\n")], 1,
+         "bnb_4bit_blocksize=48 is not valid"),
     ]
     proc = subprocess.run([sys.executable, "-c", NO_TORCH_SCRIPT, json.dumps([argv for argv, _, _ in cases])],
                           capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -130,6 +130,13 @@ def test_round_trip_error_within_half_the_largest_nf4_gap_times_absmax(shape, dt
     assert (err > 0).any(), "4 bits cannot be lossless on random weights"
 
 
+def test_the_config_s_torch_free_blocksizes_are_the_kernels():
+    from peftlab.kernels import nf4
+    from peftlab.methods.qlora import config
+
+    assert config.BLOCKSIZES == nf4.BLOCKSIZES
+
+
 def test_scratch_dequantisation_equals_the_reference_and_reuses_its_buffers():
     """kernels/nf4.py dequantize_nf4_scratch: the same W_hat bit for bit (odd sizes, padded blocks, both blocksizes
     and double quantisation, every dtype), in buffers that a later call of the same or smaller size reuses."""

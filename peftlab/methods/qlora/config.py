@@ -13,6 +13,9 @@ from ..lora.config import LoraConfig, init_key
 QUANT_TYPES = ["nf4"]
 COMPUTE_DTYPE_CHOICES = ["auto", "float32", "bfloat16", "float16"]
 BACKENDS = ["auto", "torch", "bitsandbytes"]
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""kernels/nf4.py's BLOCKSIZES (bitsandbytes' first-level block sizes), repeated here so that a config is checked
+without importing torch (kernels import it); tests/test_method_qlora.py checks that the two agree."""
 
 
 @dataclass
@@ -64,8 +67,6 @@ class QLoraConfig(LoraConfig):
         if not isinstance(self.bnb_4bit_use_double_quant, bool):
             raise ConfigError(f"{name}.bnb_4bit_use_double_quant={self.bnb_4bit_use_double_quant!r} is not valid; "
                               "use true or false.")
-        from ...kernels.nf4 import BLOCKSIZES  # here, not at the top: kernels import torch, and configs do not
-
         if self.bnb_4bit_blocksize not in BLOCKSIZES or isinstance(self.bnb_4bit_blocksize, bool):
             raise ConfigError(f"{name}.bnb_4bit_blocksize={self.bnb_4bit_blocksize!r} is not valid; use one of "
                               f"{', '.join(map(str, BLOCKSIZES))} (QLoRA uses 64).")
