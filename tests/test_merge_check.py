@@ -130,6 +130,31 @@ def test_generate_loads_a_qlora_adapter_onto_its_4bit_base(qlora_run, llama_dir)
     torch.testing.assert_close(_logits(net, ids), _logits(trained, ids), rtol=0, atol=1e-5)
 
 
+def test_generate_quantises_a_bf16_run_s_base_from_bf16_weights_whatever_dtype_it_computes_in(llama_dir, tmp_path):
+    """A qlora run with its base in bf16, generated from in fp32: the 4-bit codes are made from the bf16 weights, as
+    the run made them (Trained.base_load, shared with merge), not from the fp32 ones; the model then computes in
+    fp32."""
+    from peftlab.cli.generate_cmd import load_for_generation
+    from peftlab.core.method import get_method
+    from peftlab.train import train
+
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": s} for s in sentences(16)])
+    method = {"name": "qlora", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    run = make_run_config(llama_dir, "causal_lm", data, tmp_path / "run", method=method, max_steps=1,
+                          precision="bf16")
+    run.model_dtype = "bf16"
+    train(run, log=lambda *_: None)
+    _, net = load_for_generation(llama_dir, str(tmp_path / "run" / "adapter"), "fp32")
+    quantize = get_method("qlora").quantize_at_load(QLoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    as_trained = load_model(llama_dir, dtype="bf16", quantize=quantize)
+    from_fp32 = load_model(llama_dir, dtype="fp32", quantize=quantize)
+    path = "model.layers.0.self_attn.q_proj"
+    ours = net.get_base_model().get_submodule(path).base_layer
+    assert torch.equal(ours.weight, as_trained.get_submodule(path).weight)
+    assert not torch.equal(ours.weight, from_fp32.get_submodule(path).weight)  # the two quantisations differ here
+    assert ours.dequantized_weight().dtype == torch.float32  # computing in the dtype asked for
+
+
 def test_serve_warns_that_a_qlora_adapter_runs_on_the_full_precision_base(qlora_run, llama_dir, tmp_path):
     """peftlab serve shares one full-precision base: a qlora adapter (its run_config.yaml beside it says so) is served
     with a warning that says so and what to do; the same file without its run (plain LoRA for all anyone knows) is

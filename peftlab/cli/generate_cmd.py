@@ -37,17 +37,19 @@ def load_for_generation(model: str, adapter: str | None, dtype: str = "auto"):
     from ..models.dtype import to_stderr
 
     tokenizer = load_tokenizer(model)
-    trained, quantize = None, None
+    trained, quantize, load_dtype = None, None, dtype
     if adapter:
         # The adapter on the base as it was trained (the run beside it says the method): a qlora adapter, whose file
-        # reads as plain LoRA, gets its 4-bit base back, quantised as it is read, as training held it.
+        # reads as plain LoRA, gets its 4-bit base back, quantised as training did (merge_cmd.Trained.base_load).
         from ..io import adapter_files
+        from ..models import resolve_dtype
         from .merge_cmd import training_config
 
         trained = training_config(adapter_files.resolve_adapter_dir(adapter))
-        if trained.method.quantize_at_load is not None:
-            quantize = trained.method.quantize_at_load(trained.config)
-    base = load_model(model, auto_class=AutoModelForCausalLM, dtype=dtype, quantize=quantize, log=to_stderr)
+        quantize, load_dtype = trained.base_load(dtype)
+    base = load_model(model, auto_class=AutoModelForCausalLM, dtype=load_dtype, quantize=quantize, log=to_stderr)
+    if load_dtype != dtype:
+        base.to(resolve_dtype(dtype)[0])  # quantised layers keep their codes and produce W_hat in this dtype
     net = PeftModel.from_pretrained(base, adapter, config=trained.config) if adapter else base
     # The chat template the adapter was trained with (data.chat_template, saved as chat_template.jinja), and its
     # end-of-turn token as one more id to stop at (e.g. <|im_end|> on a base whose eos is <|endoftext|>).

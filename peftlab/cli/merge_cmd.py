@@ -101,6 +101,15 @@ class Trained:
     base_dtype: str | None = None
     """The dtype the run held its base in (RunConfig.base_dtype), when a run config was found."""
 
+    def base_load(self, dtype: str) -> tuple[object | None, str]:
+        """(quantize, load dtype): load_model's arguments to give the adapter the base it was trained on, for a
+        model meant to compute in `dtype`. A method that holds the base in another form (Method.quantize_at_load:
+        QLoRA's NF4) gets it quantised as the run did, from weights in the run's dtype (the codes follow the weights
+        they were made from); the caller then casts the model to `dtype` where the two differ."""
+        if self.method.quantize_at_load is None:
+            return None, dtype
+        return self.method.quantize_at_load(self.config), self.base_dtype or dtype
+
 
 def training_config(folder: str, method_name: str | None = None) -> Trained:
     """The config ADAPTER was trained with (see `Trained.config`). With `method_name`, that method's config class,
@@ -246,9 +255,7 @@ def adapter_model_for_merge(model: str, adapter: str, dtype: str = "fp32", metho
 
     folder = adapter_files.resolve_adapter_dir(adapter)
     trained = training_config(folder, method_name)
-    quantize, load_dtype = None, dtype
-    if trained.method.quantize_at_load is not None:
-        quantize, load_dtype = trained.method.quantize_at_load(trained.config), trained.base_dtype or dtype
+    quantize, load_dtype = trained.base_load(dtype)
     tokenizer, base, folder = base_for_adapter(model, adapter, load_dtype, quantize)
     if load_dtype != dtype:
         base.to(resolve_dtype(dtype)[0])  # quantised layers keep their codes and produce W_hat in this dtype
