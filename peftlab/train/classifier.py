@@ -51,10 +51,7 @@ class TextClassifier:
         """The base model and adapter of a `peftlab train` run with task classify (`adapter_dir` defaults to
         run_dir/adapter; give a checkpoint's adapter folder to use that)."""
         from ..core.method import method_for_config
-        from ..core.model import PeftModel
-        from ..core.save_load import config_as_trained, read_config
-        from ..models import resolve_dtype
-        from .model_loading import load_tokenizer_and_model
+        from .model_loading import autocast_for, load_trained_adapter
 
         run = load_finished_run(run_dir, "classify", "TextClassifier.from_run")
         method = method_for_config(run.method)
@@ -69,15 +66,10 @@ class TextClassifier:
         if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
             raise ConfigError(f"TextClassifier.from_run: no adapter in {adapter_dir!r} (no adapter_config.json); the "
                               "run may not have finished. Give adapter_dir=<a checkpoint's adapter folder> or rerun.")
-        # the base in the dtype the run trained it in (run.base_dtype: model.dtype resolved, e.g. auto -> bf16), and a
-        # quantised base (qlora) quantised as it is read, as training loaded it, never held in full precision first
-        tokenizer, base = load_tokenizer_and_model(run.model, "AutoModelForSequenceClassification", list(labels),
-                                                   announce_head=False, dtype=run.base_dtype, method_config=run.method)
-        sixteen = resolve_dtype(run.base_dtype)[0]
-        # A qlora adapter's file reads as plain LoRA: load it as the run's method, onto the 4-bit layers it trained on.
-        config = config_as_trained(read_config(adapter_dir), run.method)
-        return cls(PeftModel.from_pretrained(base, adapter_dir, config=config), tokenizer, labels, run.data,
-                   device=device, autocast_dtype=sixteen if sixteen != torch.float32 else None)
+        # the base as the run trained it (run.base_dtype: model.dtype resolved, e.g. auto -> bf16; qlora's 4 bits)
+        tokenizer, model = load_trained_adapter(run.model, "AutoModelForSequenceClassification", list(labels),
+                                                adapter_dir, dtype=run.base_dtype, method_config=run.method)
+        return cls(model, tokenizer, labels, run.data, device=device, autocast_dtype=autocast_for(run.base_dtype))
 
     @torch.no_grad()
     def predict_proba(self, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 import transformers
 
 from ..core.method import method_for_config
-from ..models import load_model, load_tokenizer
+from ..core.model import PeftModel
+from ..core.save_load import config_as_trained, read_config
+from ..models import load_model, load_tokenizer, resolve_dtype
 from ..models.dtype import to_stderr
 
 
@@ -39,3 +42,22 @@ def load_tokenizer_and_model(name_or_path: str, auto_model: str, label_names: li
               "and saved with the adapter (modules_to_save)")
     model.config.pad_token_id = tokenizer.pad_token_id
     return tokenizer, model
+
+
+def load_trained_adapter(name_or_path: str, auto_model: str, label_names: list[str], adapter_dir: str,
+                         dtype: str = "fp32", method_config=None):
+    """(tokenizer, PeftModel): the adapter in `adapter_dir` on the base as its run trained it. The base in `dtype`
+    (a run's base_dtype) and, where `method_config`'s method holds it quantised (qlora), quantised as it is read; the
+    file loaded as that method (a qlora file reads as plain LoRA: core.save_load.config_as_trained). `label_names`
+    size the task head, whose weights the adapter brings."""
+    tokenizer, base = load_tokenizer_and_model(name_or_path, auto_model, label_names, announce_head=False,
+                                               dtype=dtype, method_config=method_config)
+    config = config_as_trained(read_config(adapter_dir), method_config)
+    return tokenizer, PeftModel.from_pretrained(base, adapter_dir, config=config)
+
+
+def autocast_for(dtype: str) -> torch.dtype | None:
+    """The autocast dtype to compute in on a base loaded in `dtype` (a 16-bit base beside fp32 adapters, as training
+    ran it); None for an fp32 base."""
+    sixteen = resolve_dtype(dtype)[0]
+    return sixteen if sixteen != torch.float32 else None

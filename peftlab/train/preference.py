@@ -241,14 +241,12 @@ class RewardModel:
         run_config.yaml and adapter/ (or give `adapter_dir`, e.g. a checkpoint's adapter). kwargs: device,
         autocast_dtype."""
         from .config import load_finished_run
-
-        from ..models import resolve_dtype
+        from .model_loading import autocast_for
 
         run = load_finished_run(run_dir, "reward", "RewardModel.from_run")
         # The base as the run trained it: its dtype (run.base_dtype, e.g. auto -> bf16) under autocast in that dtype,
         # and a quantised base (qlora) quantised as it is read rather than after a full-precision load.
-        sixteen = resolve_dtype(run.base_dtype)[0]
-        kwargs.setdefault("autocast_dtype", sixteen if sixteen != torch.float32 else None)
+        kwargs.setdefault("autocast_dtype", autocast_for(run.base_dtype))
         return cls.from_pretrained(run.model, adapter_dir or os.path.join(run_dir, "adapter"), data=run.data,
                                    dtype=run.base_dtype, method_config=run.method, **kwargs)
 
@@ -259,15 +257,10 @@ class RewardModel:
         encoding (max_length, prompt_template); None: the defaults (max_length 512, chat template if any). `dtype`:
         the frozen base's (auto | bf16 | fp16 | fp32; pass autocast_dtype to compute in 16 bits); `method_config`: the
         adapter's config, so that a method that quantises the base at load (qlora) does it as the weights are read."""
-        from ..core.model import PeftModel
-        from ..core.save_load import config_as_trained, read_config
-        from .model_loading import load_tokenizer_and_model
+        from .model_loading import load_trained_adapter
 
-        tokenizer, base = load_tokenizer_and_model(model, "AutoModelForSequenceClassification", ["reward"],
-                                                   announce_head=False, dtype=dtype, method_config=method_config)
-        # A qlora adapter's file reads as plain LoRA: load it as the method it trained with, onto the 4-bit layers.
-        config = config_as_trained(read_config(adapter_dir), method_config)
-        peft_model = PeftModel.from_pretrained(base, adapter_dir, config=config)
+        tokenizer, peft_model = load_trained_adapter(model, "AutoModelForSequenceClassification", ["reward"],
+                                                     adapter_dir, dtype=dtype, method_config=method_config)
         return cls(peft_model, tokenizer, data or DataConfig(train_file="(scoring only)"), **kwargs)
 
     def encode(self, prompts: list[str], responses: list[str]) -> list[dict]:
