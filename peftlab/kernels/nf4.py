@@ -232,15 +232,11 @@ def quantize_nf4(W: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The approximation W_hat of the quantised tensor: state.shape, in `dtype` (default: the original dtype).
     Computed in fp32 (NF4[q] * c_hat, one product per weight) and cast once, as bitsandbytes' kernels do."""
-    n = state.numel
-    # One lookup per byte in a (256, 2) table of (NF4[high nibble], NF4[low nibble]) instead of unpacking the
-    # nibbles first; index_select with int32 indices: 2.2 ms for a 1536 x 576 matrix on one CPU core, against
-    # 6.2 ms for unpack + advanced indexing with int64 indices.
-    values = _PAIR_TABLE.to(packed.device).index_select(0, packed.reshape(-1).int()).reshape(-1)[:n]  # (n,) fp32
-    scales = state.scales()  # (n_blocks,)
-    out = (_blocks(values, state.blocksize) * scales[:, None]).reshape(-1)
-    out = out[:n].clone() if out.numel() != n else out  # no view of the padded grid (its storage would stay alive)
-    return out.reshape(state.shape).to(dtype or state.dtype)
+    device = packed.device
+    out = _dequantize_into(packed, state, dtype, lambda role, numel, dt: torch.empty(numel, dtype=dt, device=device))
+    # fp32 W_hat is a view of the grid, which is longer when the last block is padded: own storage, so that the
+    # padded grid does not stay alive with the weight
+    return out.clone() if out.untyped_storage().nbytes() != out.numel() * out.element_size() else out
 
 
 _SCRATCH = threading.local()  # per thread: {(role, dtype, device): 1-D tensor}, grown to the largest size asked
@@ -264,22 +260,31 @@ def dequantize_nf4_scratch(packed: torch.Tensor, state: NF4State, dtype: torch.d
     the result is valid only until the next call on this thread. For a matmul that uses W_hat at once and drops it
     (QLoRA's forward and backward); never for a weight that is kept (unload, merge: use `dequantize_nf4`).
 
-    Why: `dequantize_nf4` allocates per call an int32 index (2 bytes per weight), two fp32 grids (4 bytes each) and
-    the result (2 bytes in bf16): 12 bytes per weight, 138 MB for a 1.1B Llama's 11.5M-weight MLP matrix. On a CPU,
-    glibc serves such blocks from its heap once its dynamic mmap threshold has risen, and the holes they leave
-    between the activations kept for backward stay resident; pinning the threshold low instead gives them back but
-    maps and zeroes fresh pages at every call. Reused buffers avoid both: on an 8-layer 1.1B-shaped Llama (LoRA r16
-    all-linear, 1 x 256 tokens, bf16 autocast, 2-core CPU), a QLoRA training step took 2.26 s and peaked 0.39 GB
-    above its start, against 2.37 s and 0.60 GB with per-call tensors, and 5.20 s and 0.29 GB with the threshold
-    pinned at 1 MiB (docs/benchmarks.md). Memory kept: one buffer per role of the largest tensor's size (~8 bytes
-    per weight)."""
+    Why: `dequantize_nf4` allocates per call an int32 index (2 bytes per weight), the fp32 grid (4) and the result
+    (2 in bf16): 92 MB for a 1.1B Llama's 11.5M-weight MLP matrix (the implementation before these buffers made 12
+    bytes per weight). On a CPU, glibc serves such blocks from its heap once its dynamic mmap threshold has risen,
+    and the holes they leave between the activations kept for backward stay resident; pinning the threshold low
+    instead gives them back but maps and zeroes fresh pages at every call. Reused buffers avoid both: on an 8-layer
+    1.1B-shaped Llama (LoRA r16 all-linear, 1 x 256 tokens, bf16 autocast, 2-core CPU), a QLoRA training step took
+    2.26 s and peaked 0.39 GB above its start, against 2.37 s and 0.60 GB with the earlier per-call tensors, and
+    5.20 s and 0.29 GB with the threshold pinned at 1 MiB (docs/benchmarks.md). Memory kept: one buffer per role of
+    the largest tensor's size (~8 bytes per weight)."""
+    return _dequantize_into(packed, state, dtype, lambda role, numel, dt: _scratch(role, numel, dt, packed.device))
+
+
+def _dequantize_into(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None, buffer) -> torch.Tensor:
+    """W_hat (state.shape, in `dtype` or the original dtype) computed in 1-D tensors from `buffer(role, numel,
+    dtype)`: fresh ones (`dequantize_nf4`) or reused ones (`dequantize_nf4_scratch`). Returns a view of the last."""
     n, blocksize = state.numel, state.blocksize
     m = packed.numel()  # bytes: 2 codes each
     n_blocks = -(-n // blocksize)
     grid_numel = max(2 * m, n_blocks * blocksize)
-    index = _scratch("nf4-index", m, torch.int32, packed.device)
+    # One lookup per byte in a (256, 2) table of (NF4[high nibble], NF4[low nibble]) instead of unpacking the
+    # nibbles first; index_select with int32 indices: 2.2 ms for a 1536 x 576 matrix on one CPU core, against
+    # 6.2 ms for unpack + advanced indexing with int64 indices.
+    index = buffer("nf4-index", m, torch.int32)
     index.copy_(packed.reshape(-1))
-    grid = _scratch("nf4-grid", grid_numel, torch.float32, packed.device)
+    grid = buffer("nf4-grid", grid_numel, torch.float32)
     torch.index_select(_PAIR_TABLE.to(packed.device), 0, index, out=grid[:2 * m].view(m, 2))
     if grid_numel > 2 * m:
         grid[2 * m:].zero_()  # the padded grid's tail, as _blocks pads with zeros
@@ -287,7 +292,7 @@ def dequantize_nf4_scratch(packed: torch.Tensor, state: NF4State, dtype: torch.d
     dtype = dtype or state.dtype
     if dtype == torch.float32:
         return grid[:n].view(state.shape)
-    out = _scratch("nf4-out", n, dtype, packed.device)
+    out = buffer("nf4-out", n, dtype)
     out.copy_(grid[:n])
     return out.view(state.shape)
 
