@@ -220,12 +220,12 @@ class RunConfig:
             return self.model_dtype
         if self.train.precision == "fp32":
             return "fp32"
-        return getattr(type(self.method), "auto_base_dtype", None) or "auto"
+        return self.method.auto_base_dtype or "auto"
 
     @property
     def base_dtype_note(self) -> str | None:
         """A line for the run's log when the method, not the hardware, decided what `model.dtype: auto` means."""
-        forced = getattr(type(self.method), "auto_base_dtype", None)
+        forced = self.method.auto_base_dtype
         if self.model_dtype != "auto" or self.train.precision == "fp32" or not forced:
             return None
         return (f"peftlab: model.dtype auto -> {forced} for method {self.method_name}: it trains every base weight as "
